@@ -1,0 +1,122 @@
+"""Spec -> plan: every block's class, settings, channels, stride and spatial size, checked before any tensor.
+
+The compiler builds exactly this plan; complexity, lesions and reports read it too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from .blocks import block_class
+from .errors import SpecError
+from .schema import BlockSpec, Spec
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    name: str            # module name, torchvision style: 'layer2.0'
+    stage: int           # 0-based stage index
+    index: int           # 0-based index in its stage
+    cls: type            # the registered block class
+    cfg: BlockSpec       # resolved settings (spec defaults < stage overrides < block overrides)
+    in_channels: int
+    width: int           # after the spec's width_multiplier
+    out_channels: int
+    stride: int
+    in_size: int         # spatial side entering the block
+    out_size: int
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    stem_channels: int
+    stem_size: int       # spatial side after the stem
+    blocks: tuple[BlockPlan, ...]
+    out_channels: int    # channels reaching the head
+    preact_head: bool    # the last block is pre-activated: the head normalises first
+
+
+def _fail(spec: Spec, path: tuple, message: str) -> SpecError:
+    source = getattr(spec, "_source", None)
+    file, line = source.where(path) if source else ("<spec>", None)
+    return SpecError(message, file=file, line=line, path=".".join(map(str, path)))
+
+
+def scaled(width: int, multiplier: float) -> int:
+    return max(1, round(width * multiplier))
+
+
+def conv_out(size: int, stride: int) -> int:
+    """Side after a 3x3 (pad 1) or 1x1 conv with this stride."""
+    return (size - 1) // stride + 1
+
+
+def stem_size(spec: Spec) -> int:
+    size = spec.input.size
+    if spec.stem.type == "imagenet":                # 7x7/2 conv (pad 3), 3x3/2 max-pool (pad 1)
+        size = (size + 6 - 7) // 2 + 1
+        size = (size + 2 - 3) // 2 + 1
+    return size
+
+
+def resolve_block(spec: Spec, stage_index: int, block_index: int) -> BlockSpec:
+    """Spec-wide block defaults < stage `block:` < stage `blocks: {i: ...}`, validated."""
+    stage = spec.stages[stage_index]
+    merged = {**spec.block.model_dump(exclude_unset=False), **stage.block, **stage.blocks.get(block_index, {})}
+    try:
+        cfg = BlockSpec.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = err["loc"][0] if err["loc"] else ""
+        where = ("blocks", block_index) if key in stage.blocks.get(block_index, {}) else ("block",)
+        raise _fail(spec, ("stages", stage_index, *where, key), err["msg"]) from None
+    try:
+        cls = block_class(cfg.type)
+    except KeyError as e:
+        where = ("blocks", block_index) if "type" in stage.blocks.get(block_index, {}) else \
+            ("block",) if "type" in stage.block else None
+        path = ("stages", stage_index, *where, "type") if where else ("block", "type")
+        raise _fail(spec, path, e.args[0]) from None
+    return cls.settings(cfg)
+
+
+def plan_network(spec: Spec) -> NetworkPlan:
+    """Resolve and check every block. Raises SpecError naming the key at fault."""
+    m = spec.width_multiplier
+    channels, size = scaled(spec.stem.width, m), stem_size(spec)
+    stem_channels, stem_side = channels, size
+    factor = 4 if spec.stem.type == "imagenet" else 1   # total downsampling so far
+    blocks: list[BlockPlan] = []
+    for s, stage in enumerate(spec.stages):
+        for i in stage.blocks:
+            if not 0 <= i < stage.depth:
+                raise _fail(spec, ("stages", s, "blocks", i), f"block index {i} out of range: the stage has "
+                                                               f"{stage.depth} blocks")
+        for i in range(stage.depth):
+            cfg = resolve_block(spec, s, i)
+            cls = block_class(cfg.type)
+            stride = stage.stride if i == 0 else 1
+            factor *= stride
+            if stride > size:
+                need = factor
+                raise _fail(spec, ("stages", s, "stride"),
+                            f"input {spec.input.size}x{spec.input.size} is too small for the strides: stage {s} "
+                            f"receives {size}x{size} and strides by {stride} (need input.size >= {need})")
+            width = scaled(stage.width, m)
+            problem = cls.problem(channels, width, stride, cfg)
+            if problem:
+                key, message = problem
+                where = ("blocks", i, key) if key in stage.blocks.get(i, {}) else ("block", key) \
+                    if key in stage.block else None
+                raise _fail(spec, ("stages", s, *where) if where else ("block", key),
+                            f"stage {s} block {i}: {message}")
+            out = cls.out_channels(width, cfg)
+            new_size = conv_out(size, stride)
+            blocks.append(BlockPlan(f"layer{s + 1}.{i}", s, i, cls, cfg, channels, width, out, stride, size,
+                                    new_size))
+            channels, size = out, new_size
+    if not blocks:
+        raise _fail(spec, ("stages",), "every stage has depth 0: the network has no blocks")
+    preact = blocks[-1].cfg.placement in ("relu_preact", "full_preact")
+    return NetworkPlan(stem_channels, stem_side, tuple(blocks), channels, preact)

@@ -1,0 +1,153 @@
+"""The spec schema: small typed objects, a comment on every field (pydantic, unknown keys rejected).
+
+A spec is stem -> stages of blocks -> head, plus the data set and the training recipe that go with it.
+`block` holds defaults for every block; a stage's `block` overrides them for that stage, and a stage's
+`blocks: {index: {...}}` overrides them for single blocks. Everything here is plain data: no tensors.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, model_validator
+
+# He et al. 2016 (Identity Mappings), Fig. 4: where BN and ReLU sit around the addition.
+PLACEMENTS = ("original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact")
+# Shortcut when the shape changes (He et al. 2015 A/B/C; D = avg-pool then 1x1 projection, Bag of Tricks).
+SHORTCUTS = ("A", "B", "C", "D")
+# He et al. 2016 shortcut variants (Fig. 2 / Table 1).
+VARIANTS = ("identity", "scaling", "exclusive_gate", "shortcut_gate", "conv", "dropout")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(Strict):
+    channels: PositiveInt = 3          # image channels (1 for Fashion-MNIST)
+    size: PositiveInt = 224            # square input side, pixels
+
+
+class StemSpec(Strict):
+    type: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: 7x7/2 conv + 3x3/2 max-pool; cifar: 3x3/1 conv
+    width: PositiveInt = 64            # output channels of the stem conv
+    act: bool = True                   # BN + ReLU after the stem conv (false for pre-activation nets)
+
+
+class BlockSpec(Strict):
+    """Settings of one block. Every field has a default; blocks ignore the fields they have no use for."""
+    type: str = "basic"                # a registered block: plain, basic, bottleneck, preact, ... (arches.blocks)
+    shortcut: Literal["A", "B", "C", "D"] = "B"   # A zero-pad, B project on change, C project always, D pool+project
+    placement: Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact"]] = None
+    # ^ BN/ReLU placement (He 2016 Fig. 4 a-e); null = the block type's own default
+    variant: Literal["identity", "scaling", "exclusive_gate", "shortcut_gate", "conv", "dropout"] = "identity"
+    # ^ He 2016 shortcut variants: what happens on the shortcut path of every block
+    scale: float = Field(0.5, gt=0.0)  # variant scaling: shortcut multiplied by this lambda
+    scale_residual: bool = False       # variant scaling: also multiply the residual branch by 1 - lambda
+    gate_bias: float = -2.0            # initial bias of sigmoid gates (highway, exclusive/shortcut gating)
+    shortcut_dropout: float = Field(0.5, ge=0.0, lt=1.0)  # variant dropout: drop probability on the shortcut
+    zero_init_residual: bool = False   # zero the last BN (or conv) of each residual branch: block = identity at init
+    expansion: PositiveInt = 4         # bottleneck: output channels = width * expansion
+    cardinality: PositiveInt = 1       # groups of the 3x3 conv in a bottleneck (ResNeXt)
+    base_width: PositiveInt = 64       # bottleneck inner width = width * base_width / 64 * cardinality
+    widen: float = Field(1.0, gt=0.0)  # WRN width multiplier k on this block's width
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout between the two convs (WRN)
+
+
+class StageSpec(Strict):
+    depth: int = Field(ge=0)           # number of blocks (0 drops the stage)
+    width: PositiveInt                 # block width (bottleneck: inner width before expansion)
+    stride: PositiveInt = 1            # stride of the stage's first block
+    block: dict[str, Any] = {}         # overrides of the spec-wide block defaults for this stage
+    blocks: dict[int, dict[str, Any]] = {}  # overrides for single blocks, by index in the stage
+
+
+class HeadSpec(Strict):
+    pool: Literal["avg", "max"] = "avg"  # global pooling before the classifier
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout before the classifier
+
+
+class DataSpec(Strict):
+    name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "synthetic"
+    root: Optional[str] = None         # folder holding the files; null = $RESLAB_DATA, then system places
+    val_size: Union[int, float] = 5000  # held out of train by seed: a count, or a fraction if < 1
+    train_subset: Optional[PositiveInt] = None  # use only this many training images (smoke tests, demos)
+    test_subset: Optional[PositiveInt] = None   # use only this many test images
+    augment: Optional[Literal["none", "crop_flip", "rrc_flip"]] = None  # null = the data set's standard
+    download: bool = True              # try to download when files are missing and a network is there
+    on_device: Literal["auto", "always", "never"] = "auto"  # hold small sets whole on the GPU
+    num_workers: int = Field(0, ge=0)  # DataLoader workers for the host-side path
+    synthetic_size: PositiveInt = 512  # synthetic: number of training images (test set: a quarter)
+
+
+class ScheduleSpec(Strict):
+    type: Literal["constant", "multistep", "cosine", "onecycle"] = "multistep"
+    milestones: list[PositiveInt] = []  # multistep: where lr is multiplied by gamma
+    unit: Literal["epoch", "step"] = "epoch"  # milestones counted in epochs or in optimizer steps
+    gamma: float = Field(0.1, gt=0.0)   # multistep factor
+    min_lr: float = Field(0.0, ge=0.0)  # cosine floor
+
+
+class WarmupSpec(Strict):
+    steps: int = Field(0, ge=0)         # warmup length in optimizer steps (0 = none)
+    start_factor: float = Field(0.1, gt=0.0, le=1.0)  # lr starts at lr * start_factor
+    mode: Literal["linear", "constant"] = "linear"   # constant = He 2015's ResNet-110 warmup at lr/10
+
+
+class TrainSpec(Strict):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0.0)
+    decay_bn_and_bias: bool = True     # false: no weight decay on BN parameters and biases
+    batch_size: PositiveInt = 128
+    epochs: Optional[PositiveInt] = 10  # stop after this many epochs ...
+    max_steps: Optional[PositiveInt] = None  # ... or after this many optimizer steps (paper: 64k)
+    schedule: ScheduleSpec = ScheduleSpec()
+    warmup: WarmupSpec = WarmupSpec()
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0                      # one seed fixes data split, data order and initial weights
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Union[PositiveInt, Literal["auto"]] = 1
+    num_nodes: PositiveInt = 1
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    channels_last: Optional[bool] = None  # null = on for GPU runs
+    compile: bool = False              # torch.compile the model
+    val_every: PositiveInt = 1         # validate every this many epochs
+    limit_batches: Optional[PositiveInt] = None  # cap train batches per epoch (smoke tests)
+
+
+class Spec(Strict):
+    """A whole network plus how to train it."""
+    name: str                          # short identifier, used for run names and experiments
+    family: Optional[str] = None       # experiment group in MLflow (default: name without depth digits)
+    description: str = ""
+    input: InputSpec = InputSpec()
+    classes: PositiveInt = 1000
+    width_multiplier: float = Field(1.0, gt=0.0)  # scales stem and stage widths (compute-matched ablations)
+    stem: StemSpec = StemSpec()
+    block: BlockSpec = BlockSpec()
+    stages: list[StageSpec] = Field(min_length=1)
+    head: HeadSpec = HeadSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    _source: Any = PrivateAttr(default=None)  # arches.spec.Source: files, lines, base, overrides
+
+    @model_validator(mode="after")
+    def _recipe_has_an_end(self) -> "Spec":
+        if self.train.epochs is None and self.train.max_steps is None:
+            raise ValueError("train: give epochs or max_steps")
+        known = DATASETS.get(self.data.name)
+        if known:
+            channels, size, classes = known
+            if (self.input.channels, self.input.size) != (channels, size) or self.classes != classes:
+                raise ValueError(
+                    f"data {self.data.name} has {channels}x{size}x{size} images in {classes} classes, but the "
+                    f"spec says input {self.input.channels}x{self.input.size}x{self.input.size}, "
+                    f"{self.classes} classes")
+        return self
+
+
+# Shapes of the named data sets: channels, side, classes (checked against `input` and `classes`).
+DATASETS = {"fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}
