@@ -1,6 +1,9 @@
 """Spec -> nn.Module: the plan's blocks in order between a stem and a head. Names follow torchvision."""
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 from torch import nn
 
@@ -34,7 +37,7 @@ class Network(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1) if spec.head.pool == "avg" else nn.AdaptiveMaxPool2d(1)
         self.dropout = nn.Dropout(spec.head.dropout) if spec.head.dropout > 0 else None
         self.fc = nn.Linear(plan.out_channels, spec.classes)
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        init_weights(self, spec.train.seed)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -57,6 +60,39 @@ class Network(nn.Module):
         return [(f"{s}.{i}", b) for s in self.stage_names for i, b in enumerate(getattr(self, s))]
 
 
+def _stable_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Initialise every layer from a generator seeded by (seed, layer name): two specs built with the same
+    seed get the same initial weights in every layer they share by name and shape (paired ablation arms).
+    Convs: Kaiming normal, fan_out (He et al. 2015, torchvision); linear: PyTorch's uniform(+-1/sqrt(fan_in));
+    BN: gamma 1, beta 0; then each block's own touches (gate biases, zero-init residual)."""
+    for name, m in model.named_modules():
+        g = torch.Generator(device="cpu").manual_seed(_stable_seed(seed, name))
+        if isinstance(m, nn.Conv2d):
+            if m.weight.device.type == "meta":
+                continue
+            m.weight.data.copy_(nn.init.kaiming_normal_(torch.empty(m.weight.shape), mode="fan_out",
+                                                        nonlinearity="relu", generator=g))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if m.weight.device.type == "meta":
+                continue
+            bound = 1.0 / math.sqrt(m.in_features)
+            m.weight.data.copy_(torch.empty(m.weight.shape).uniform_(-bound, bound, generator=g))
+            if m.bias is not None:
+                m.bias.data.copy_(torch.empty(m.bias.shape).uniform_(-bound, bound, generator=g))
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if hasattr(m, "init_residual"):
+            m.init_residual()
+
+
 def build_model(spec: Spec) -> Network:
-    """Compile a validated spec into a network (weights initialised as the papers do)."""
+    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights)."""
     return Network(spec, plan_network(spec))

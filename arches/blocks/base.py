@@ -80,15 +80,13 @@ class Block(nn.Module):
                                             self.stride)
             if self.cfg.variant in ("exclusive_gate", "shortcut_gate"):
                 self.gate = nn.Conv2d(self.in_channels, self.out_ch, 1, stride=self.stride, bias=True)
-                nn.init.constant_(self.gate.bias, self.cfg.gate_bias)
         else:
             self.downsample = None
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Kaiming-normal convs (fan_out, as torchvision), BN gamma 1 / beta 0, optional zero-init residual."""
-        for i in range(1, self.depth + 1):
-            nn.init.kaiming_normal_(getattr(self, f"conv{i}").weight, mode="fan_out", nonlinearity="relu")
+    def init_residual(self) -> None:
+        """After the generic init: gate biases, and the optional zero-init of the branch's last layer."""
+        if getattr(self, "gate", None) is not None:
+            nn.init.constant_(self.gate.bias, self.cfg.gate_bias)
         if self.residual and self.cfg.zero_init_residual:
             last = getattr(self, f"bn{self.depth}")
             if self.placement in ("original", "relu_preact", "relu_before_add"):

@@ -1,0 +1,45 @@
+"""Shared test setup: small thread counts (CI has 2 cores), the real Fashion-MNIST files, temp outputs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """Folder of the real Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST missing: apt-get install dataset-fashion-mnist (.ci/run installs it)")
+    return FASHION_MNIST
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    """A fresh outputs/ folder (MLflow store, checkpoints, Optuna storage) for one test."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    return out
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None):
+    """Run `python cli.py ARGS` in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
