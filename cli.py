@@ -29,8 +29,10 @@ class Parser(argparse.ArgumentParser):
         elif "invalid choice:" in message:
             words = [message.split("invalid choice:", 1)[1].split("'")[1]]
         if words:
-            options = [o for a in self._actions for o in a.option_strings]
-            choices = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            choices = [c for a in subparsers for c in a.choices]
+            parsers = [self] + [p for a in subparsers for p in a.choices.values()]
+            options = [o for p in parsers for a in p._actions for o in a.option_strings]
             for w in words:
                 close = difflib.get_close_matches(w, options + choices, n=1, cutoff=0.6)
                 if close and close[0] != w:
@@ -69,6 +71,52 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from diagnose import DiagnoseRequest, GradientOptions, parse_readout, run_diagnostics
+
+    options = GradientOptions(seeds=args.seeds, points=args.points, bn=args.bn, readout=parse_readout(args.readout),
+                              batch_size=args.batch_size, device=args.device)
+    run_diagnostics(DiagnoseRequest(
+        specs=args.spec, overrides=args.overrides, gradients=args.gradients, lesion=args.lesion,
+        checkpoints=args.checkpoint, gradient_options=options, blocks=args.blocks, limit=args.limit,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, parent_run_id=args.run,
+        output_dir=args.output_dir))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from arches import load_spec
+    from arches.errors import ReslabError
+    from runs.fit import Interrupted, summary_lines, train
+    from runs.tracking import default_tracking_uri
+
+    if args.spec is None and (not args.resume or args.overrides):
+        raise ReslabError("give a spec file to train" if not args.resume else
+                          "--set needs a spec file; --resume alone continues the recorded spec", file="run")
+    overrides = list(args.overrides)
+    for key, value in (("train.devices", args.devices), ("train.num_nodes", args.num_nodes)):
+        if value is not None:
+            overrides.append((key, value))
+    spec = load_spec(args.spec, overrides) if args.spec else None
+    uri = args.tracking_uri or default_tracking_uri(args.output_dir)
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    try:
+        result = train(spec, tracking_uri=uri, experiment=args.experiment, run_name=args.run_name,
+                       resume=args.resume, output_dir=args.output_dir, progress=progress)
+    except Interrupted as e:
+        if e.rank == 0:
+            print(f"interrupted ({e.signal_name}): run {e.run_id} KILLED, checkpoint {e.checkpoint}; continue "
+                  f"with: python cli.py run --resume {e.run_id} --output-dir {args.output_dir}", file=sys.stderr)
+        return e.exit_code
+    if result.rank != 0:
+        return 0 if result.status == "FINISHED" else 1
+    if result.status != "FINISHED":
+        print(f"run {result.run_id} failed: {result.reason}", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(result, uri)))
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="reslab", description="A declarative lab for residual-family networks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -81,6 +129,49 @@ def build_parser() -> Parser:
     p = sub.add_parser("validate", help="check spec files; exit 0 when all are valid")
     add_spec_args(p, many=True)
     p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("diagnose", help="gradient norms and shattered-gradient correlation by depth; lesions "
+                                        "of trained checkpoints; each logged as an MLflow run")
+    add_spec_args(p, many=True)
+    p.add_argument("--gradients", action="store_true",
+                   help="per-block gradient norms and input-gradient correlation (Balduzzi et al. 2017), at "
+                        "initialisation and at each --checkpoint")
+    p.add_argument("--lesion", action="store_true",
+                   help="test accuracy of each --checkpoint with one block deleted at a time (Veit et al. 2016)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="PATH_OR_RUN_ID",
+                   help="a trained network: checkpoint file or MLflow run id (repeatable); must match a spec")
+    p.add_argument("--seeds", type=int, default=3, help="gradients: seeds (inits, image pairs), mean ± std")
+    p.add_argument("--points", type=int, default=256, help="gradients: inputs on the path between two images")
+    p.add_argument("--bn", choices=("batch", "eval"), default="batch",
+                   help="gradients: BN on batch statistics, whole path in one batch (as Balduzzi et al.), or "
+                        "running statistics (calibrated on a real batch at initialisation)")
+    p.add_argument("--readout", default="projection", metavar="projection|INDEX",
+                   help="gradients: the scalar output: a fixed random projection of the logits, or a logit index")
+    p.add_argument("--batch-size", type=int, default=128, help="gradients: images in the cross-entropy batch")
+    p.add_argument("--blocks", nargs="+", metavar="NAME", help="lesion: only these blocks (layer2.0 ...)")
+    p.add_argument("--limit", type=int, help="lesion: measure on this many test images (seeded subset)")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1 ...")
+    p.add_argument("--run", metavar="RUN_ID", help="log as nested child runs of this MLflow run (e.g. the "
+                                                    "training run); default: own runs in --experiment")
+    p.add_argument("--experiment", default="diagnostics", help="MLflow experiment (without --run)")
+    p.add_argument("--output-dir", default="outputs", help="where the default MLflow store lives")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db)")
+    p.set_defaults(handler=cmd_diagnose)
+
+    p = sub.add_parser("run", help="train one spec with Lightning and record it as one MLflow run")
+    p.add_argument("spec", nargs="?", help="spec YAML file (optional with --resume)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override spec values by dotted path, values parsed as YAML (train.epochs=3)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (same MLflow run)")
+    p.add_argument("--output-dir", default="outputs", help="MLflow store, artifacts and checkpoints (outputs)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default: spec.family, else the name without depth)")
+    p.add_argument("--run-name", help="MLflow run name (default: the spec's name)")
+    p.add_argument("--devices", type=int, help="processes/GPUs per node (sets train.devices; >1 = DDP)")
+    p.add_argument("--num-nodes", type=int, help="nodes (sets train.num_nodes)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
+                   help="rich progress bar, one line per epoch, or by whether stdout is a terminal")
+    p.set_defaults(handler=cmd_run)
 
     # (each command: one parser block here, one cmd_ function above)
     return parser

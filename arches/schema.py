@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr
 
 # He et al. 2016 (Identity Mappings), Fig. 4: where BN and ReLU sit around the addition.
 PLACEMENTS = ("original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact")
@@ -133,20 +133,6 @@ class Spec(Strict):
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     _source: Any = PrivateAttr(default=None)  # arches.spec.Source: files, lines, base, overrides
-
-    @model_validator(mode="after")
-    def _recipe_has_an_end(self) -> "Spec":
-        if self.train.epochs is None and self.train.max_steps is None:
-            raise ValueError("train: give epochs or max_steps")
-        known = DATASETS.get(self.data.name)
-        if known:
-            channels, size, classes = known
-            if (self.input.channels, self.input.size) != (channels, size) or self.classes != classes:
-                raise ValueError(
-                    f"data {self.data.name} has {channels}x{size}x{size} images in {classes} classes, but the "
-                    f"spec says input {self.input.channels}x{self.input.size}x{self.input.size}, "
-                    f"{self.classes} classes")
-        return self
 
 
 # Shapes of the named data sets: channels, side, classes (checked against `input` and `classes`).

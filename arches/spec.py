@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import SpecError, did_you_mean
-from .schema import Spec
+from .schema import DATASETS, Spec
 
 Override = Union[str, tuple[str, Any]]
 KeyPath = tuple  # ('stages', 2, 'depth')
@@ -176,7 +176,7 @@ def _message(err: dict, model: type[BaseModel], loc: tuple) -> str:
         parent = _model_at(model, loc[:-1])
         fields = list(parent.model_fields) if parent else []
         return f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], fields)}; expected one of: {', '.join(fields)}"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "literal_error":
         got = err.get("input")
         expected = err.get("ctx", {}).get("expected", "")
@@ -215,8 +215,8 @@ def validation_error(e: ValidationError, model: type[BaseModel], source: Source)
     err = e.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
     file, line = source.where(loc)
-    if err["type"] == "missing" and loc[:-1]:
-        file, line = source.where(loc[:-1])
+    if err["type"] == "missing":   # point at the mapping that lacks the key (the file's top: line 1)
+        file, line = source.where(loc[:-1]) if loc[:-1] else (source.file, 1)
     path = ".".join(str(p) for p in loc) or None
     return SpecError(_message(err, model, loc), file=file, line=line, path=path)
 
@@ -243,8 +243,26 @@ def spec_from_dict(data: dict, source: Source | None = None) -> Spec:
     except ValidationError as e:
         raise validation_error(e, Spec, source) from None
     spec._source = source
+    check_recipe_and_data(spec)
     plan_network(spec)  # raises SpecError with a key path for impossible shapes
     return spec
+
+
+def check_recipe_and_data(spec: Spec) -> None:
+    """Cross-field rules outside the network: the recipe has an end; a named data set fits `input`/`classes`."""
+    source: Source = spec._source
+    if spec.train.epochs is None and spec.train.max_steps is None:
+        file, line = source.where(("train", "epochs"))
+        raise SpecError("give train.epochs or train.max_steps (both are null)", file=file, line=line,
+                        path="train.epochs")
+    known = DATASETS.get(spec.data.name)
+    if known and ((spec.input.channels, spec.input.size) != known[:2] or spec.classes != known[2]):
+        channels, size, classes = known
+        file, line = source.where(("data", "name"))
+        raise SpecError(f"{spec.data.name} has {channels}x{size}x{size} images in {classes} classes, but the spec "
+                        f"says input {spec.input.channels}x{spec.input.size}x{spec.input.size}, {spec.classes} "
+                        f"classes (set input.channels={channels}, input.size={size}, classes={classes})",
+                        file=file, line=line, path="data.name")
 
 
 def load_spec(path: Union[str, Path], overrides: Iterable[Override] = ()) -> Spec:
