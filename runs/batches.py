@@ -1,0 +1,148 @@
+"""Batches of data sets held whole in memory: seeded order, DDP shards, augmentation with batched tensor ops."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# Random streams: every generator is keyed by (stream, seed, epoch, rank), so streams never collide.
+ORDER, AUGMENT, SPLIT, TEST_SUBSET, SYNTHETIC = 1, 2, 3, 4, 5
+
+
+def epoch_generator(stream: int, seed: int, epoch: int = 0, rank: int = 0) -> torch.Generator:
+    """A CPU generator seeded from (stream, seed, epoch, rank): the same key gives the same numbers anywhere."""
+    key = [int(k) % 2**64 for k in (stream, seed, epoch, rank)]
+    state = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator()
+    gen.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return gen
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int, *, equal: bool) -> torch.Tensor:
+    """This process's part of `indices`: equal strided shards with the remainder dropped (train), or
+    contiguous shards of unequal length whose union is every index exactly once (val/test)."""
+    if world_size <= 1:
+        return indices
+    if equal:
+        per = len(indices) // world_size
+        return indices[rank:per * world_size:world_size]
+    start, stop = (len(indices) * rank) // world_size, (len(indices) * (rank + 1)) // world_size
+    return indices[start:stop]
+
+
+def crop_flip_offsets(n: int, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random (dy, dx, mirror) per sample for crop_flip: offsets in 0..2*pad, mirror 0/1 (n x 3, int64)."""
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    mirror = (torch.rand(n, 1, generator=gen) < 0.5) if flip else torch.zeros(n, 1, dtype=torch.bool)
+    return torch.cat([shifts, mirror.long()], 1)
+
+
+def apply_crop_flip(images: torch.Tensor, pad: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Crop each zero-padded image at its (dy, dx) back to the original size, mirrored where asked: one gather."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    dy, dx, mirror = offsets[:, 0:1], offsets[:, 1:2], offsets[:, 2:3].bool()
+    cols = torch.arange(w, device=images.device)
+    cols = torch.where(mirror, w - 1 - cols, cols) + dx                  # (n, w): the flip folded into the index
+    rows = torch.arange(h, device=images.device) + dy                     # (n, h)
+    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, -1).gather(2, flat).reshape(n, c, h, w)
+
+
+def crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Pad by `pad` zeros, take a random crop of the original size per sample, flip half of them left-right."""
+    offsets = crop_flip_offsets(len(images), pad, gen, flip).to(images.device, non_blocking=True)
+    return apply_crop_flip(images, pad, offsets)
+
+
+def resized_crop_flip(images: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random-resized crop (area fraction in `scale`, aspect in `ratio`) back to full size, plus random flip;
+    bilinear, batched with affine_grid/grid_sample. Returns float images in the input's 0..255 range."""
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(*scale, generator=gen)
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    aspect = torch.exp(log_r)
+    sw, sh = torch.sqrt(area * aspect).clamp(max=1.0), torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sh)
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw * sign, cx, sh, cy
+    theta = theta.to(images.device, non_blocking=True)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class TensorBatches:
+    """An iterable of (normalised float images, int64 labels) batches over uint8 NCHW tensors in memory.
+
+    Train mode: each epoch a permutation from (seed, epoch), this rank's equal shard of it, full batches only
+    (one short batch when the shard is smaller than a batch), augmented per `augment`. Eval mode: the rank's
+    contiguous shard in order, no augmentation. Works on whatever device the tensors live on.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float], train: bool, augment: str = "none",
+                 seed: int = 0, rank: int = 0, world_size: int = 1, limit: Optional[int] = None,
+                 epoch_fn: Optional[Callable[[], Optional[int]]] = None, pad: int = 4):
+        self.images, self.labels = images, labels
+        self.batch_size, self.train, self.augment, self.pad = batch_size, train, augment, pad
+        self.seed, self.rank, self.world_size, self.limit = seed, rank, world_size, limit
+        self.epoch_fn, self._count, self._epoch = epoch_fn, 0, None
+        shape = (1, images.shape[1], 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).reshape(shape) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=images.device).reshape(shape) * 255)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch used for the next pass (otherwise: the trainer's epoch, or a pass counter)."""
+        self._epoch = epoch
+
+    def shard_size(self) -> int:
+        """How many images this rank sees per pass."""
+        n = len(self.labels)
+        if self.world_size <= 1:
+            return n
+        if self.train:
+            return n // self.world_size
+        return (n * (self.rank + 1)) // self.world_size - (n * self.rank) // self.world_size
+
+    def __len__(self) -> int:
+        size = self.shard_size()
+        if self.train:
+            steps = size // self.batch_size or (1 if size else 0)
+            return min(steps, self.limit) if self.limit else steps
+        return math.ceil(size / self.batch_size)
+
+    def _current_epoch(self) -> int:
+        if self._epoch is not None:
+            return self._epoch
+        epoch = self.epoch_fn() if self.epoch_fn else None
+        return self._count if epoch is None else epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.labels), self.labels.device
+        if self.train:
+            epoch = self._current_epoch()
+            order = shard(torch.randperm(n, generator=epoch_generator(ORDER, self.seed, epoch)), self.rank,
+                          self.world_size, equal=True)
+            gen = epoch_generator(AUGMENT, self.seed, epoch, self.rank)
+        else:
+            order, gen = shard(torch.arange(n), self.rank, self.world_size, equal=False), None
+        self._count += 1
+        # crop/flip offsets of the whole pass drawn at once (one host-to-device copy per epoch)
+        offsets = crop_flip_offsets(len(order), self.pad, gen).to(device) if gen is not None and self.augment == "crop_flip" \
+            else None
+        order = order.to(device)
+        for step in range(len(self)):
+            part = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            images, labels = self.images[order[part]], self.labels[order[part]]
+            if offsets is not None:
+                images = apply_crop_flip(images, self.pad, offsets[part])
+            elif gen is not None and self.augment == "rrc_flip":
+                images = resized_crop_flip(images, gen)
+            yield images.float().sub_(self.mean).mul_(self.inv_std), labels
