@@ -29,6 +29,7 @@ class Source:
     lines: dict[KeyPath, tuple[str, int]] = field(default_factory=dict)  # key path -> (file, line)
     chain: list[str] = field(default_factory=list)  # base files, outermost last
     base_data: dict | None = None               # the merged document of the base chain alone
+    data: dict | None = None                    # the final document: bases, this file and --set merged
     overrides: list[tuple[str, Any]] = field(default_factory=list)  # --set pairs, in order
 
     def where(self, path: Sequence) -> tuple[str, int | None]:
@@ -230,6 +231,7 @@ def build_document(path: Union[str, Path], overrides: Iterable[Override] = ()) -
         set_path(data, key, value)
         source.overrides.append((key, value))
         source.lines[tuple(int(p) if p.isdigit() else p for p in key.split("."))] = ("--set", None)
+    source.data = copy.deepcopy(data)
     return data, source
 
 
@@ -292,16 +294,14 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def diff_from_base(spec: Spec) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose resolved value differs from the base spec's: key -> (base value, this value)."""
+    """What a derived spec changes: dotted key -> (base value, value), comparing the documents as written
+    (the base chain alone vs the base chain + this file + --set), so defaults neither file states never count."""
     source: Source | None = getattr(spec, "_source", None)
-    if source is None or source.base_data is None:
+    if source is None or source.base_data is None or source.data is None:
         return {}
-    try:
-        base = Spec.model_validate(source.base_data).model_dump(mode="json")
-    except ValidationError:  # a partial base (e.g. a recipe-only file): compare raw documents
-        base = source.base_data
-    mine, theirs = flatten(spec.model_dump(mode="json")), flatten(base)
-    return {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    mine, theirs = flatten(source.data), flatten(source.base_data)
+    return {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
+            if theirs.get(k) != mine.get(k)}
 
 
 def to_yaml(spec: Spec) -> str:

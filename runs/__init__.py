@@ -1,0 +1,1 @@
+"""reslab's training side: data, one training run, tracking and checkpoints."""

@@ -1,0 +1,192 @@
+"""The LightningModule that trains a compiled spec, and the callback that closes each epoch into one row.
+
+Hyperparameters are plain data (the spec as a JSON-style dict), so checkpoints load with
+`torch.load(path, weights_only=True)`. Metrics are torchmetrics objects: under DDP `compute()` syncs them, so
+every epoch row covers the whole data set.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from arches import Spec, build_model, spec_from_dict
+
+from .recipe import build_optimizer, build_scheduler
+
+SPLITS = ("train", "val", "test")
+# How often a CUDA run reads its device-side "loss was non-finite" flag (CPU runs check every step;
+# reading on CUDA forces a sync, and a non-finite step is still caught, at most this many steps late).
+NONFINITE_CHECK_EVERY_CUDA = 20
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class ReslabModule(pl.LightningModule):
+    """Cross-entropy training of `build_model(spec)` with the spec's optimizer, schedule and metrics."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.save_hyperparameters({"spec": spec})
+        self.spec: Spec = spec_from_dict(spec)
+        self.model = build_model(self.spec)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
+        classes = self.spec.classes
+        # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'
+        self.metric_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in SPLITS})
+        self.metric_acc = nn.ModuleDict(
+            {f"{s}_": MulticlassAccuracy(classes, average="micro", validate_args=False) for s in SPLITS})
+        self.channels_last = False        # set by fit.py for GPU runs
+        self.compile_model = bool(self.spec.train.compile)
+        self.results: dict[str, dict[str, float]] = {}  # split -> last computed metrics
+        self.history: list[dict[str, float]] = []        # one row per epoch, filled by EpochSummary
+        self._compiled: Optional[Any] = None  # torch.compile(self.model), kept out of the submodules
+        self._nonfinite = torch.zeros((), dtype=torch.bool)
+        self._nonfinite_step = torch.full((), -1, dtype=torch.long)
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_model and self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.model))  # not a submodule: keys stay put
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (self._compiled or self.model)(images)
+
+    def configure_optimizers(self) -> Any:
+        train = self.spec.train
+        optimizer = build_optimizer(self.model, train)
+        self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the train data, counts batches)
+        steps_per_epoch = max(1, int(self.trainer.num_training_batches))
+        scheduler = build_scheduler(optimizer, train, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- steps ----------------------------------------------------------------------------------------
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        detached = loss.detach()
+        self.metric_loss[f"{split}_"].update(detached, weight=labels.shape[0])
+        self.metric_acc[f"{split}_"].update(logits.detach().argmax(1), labels)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self._watch_loss(loss.detach(), batch_idx)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    # ---- non-finite loss guard ------------------------------------------------------------------------
+    def _watch_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Note a non-finite loss on the device (no sync); raise NonFiniteLoss when a check finds one."""
+        if self._nonfinite.device != loss.device:
+            self._nonfinite = self._nonfinite.to(loss.device)
+            self._nonfinite_step = self._nonfinite_step.to(loss.device)
+        bad = ~torch.isfinite(loss)
+        self._nonfinite_step = torch.where(bad & ~self._nonfinite, self.global_step, self._nonfinite_step)
+        self._nonfinite |= bad
+        every = NONFINITE_CHECK_EVERY_CUDA if loss.device.type == "cuda" else 1
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        if (batch_idx + 1) % every == 0 or last:
+            self.check_loss_finite(loss)
+
+    def check_loss_finite(self, loss: Optional[torch.Tensor] = None) -> None:
+        """Raise NonFiniteLoss (on every rank) if any step so far had a NaN/inf loss."""
+        flag = self._nonfinite
+        if self.trainer.world_size > 1:
+            flag = torch.as_tensor(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+        if bool(flag):
+            step = int(self._nonfinite_step)
+            what = "nan" if loss is not None and torch.isnan(loss).any() else "non-finite"
+            where = f"step {step}" if step >= 0 else "another process"
+            raise NonFiniteLoss(f"training loss became {what} at {where} (epoch {self.current_epoch}); "
+                                f"lower train.lr or check the data")
+
+    # ---- epoch results --------------------------------------------------------------------------------
+    def collect(self, split: str) -> dict[str, float]:
+        """Compute (synced across processes) and reset one split's loss, accuracy and error."""
+        loss_metric, acc_metric = self.metric_loss[f"{split}_"], self.metric_acc[f"{split}_"]
+        loss, acc = float(loss_metric.compute()), float(acc_metric.compute())
+        loss_metric.reset()
+        acc_metric.reset()
+        result = {f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/error": 1.0 - acc}
+        self.results[split] = result
+        return result
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.metric_loss["val_"].reset()
+            self.metric_acc["val_"].reset()
+            return
+        self.log_dict(self.collect("val"), prog_bar=True, logger=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.collect("test"), logger=False)
+
+
+class EpochSummary(pl.Callback):
+    """Closes each training epoch into one row of metrics (train, the epoch's validation, lr, images/s).
+
+    The row goes to `module.history` and to `trainer.callback_metrics` (for pruners and early stopping);
+    recorders placed after this callback read `module.history[-1]`.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self._train_time = 0.0
+        self._images = 0
+        self._lr = float("nan")
+        self._val_epoch = -1
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0, self._train_time, self._images = time.perf_counter(), 0.0, 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._t0:   # also when a run resumes mid-epoch (no on_train_epoch_start then)
+            self._t0 = time.perf_counter()
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self._images += int(batch[1].shape[0])
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training and self._t0:
+            self._train_time += time.perf_counter() - self._t0
+            self._t0 = 0.0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module: ReslabModule = pl_module  # type: ignore[assignment]
+        if self._t0:
+            self._train_time += time.perf_counter() - self._t0
+            self._t0 = 0.0
+        module.check_loss_finite()
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
+        row.update(module.collect("train"))
+        if self._val_epoch == trainer.current_epoch and "val" in module.results:
+            row.update(module.results["val"])
+        row["lr"] = float(self._lr)
+        images = self._images * trainer.world_size
+        row["images_per_s"] = images / self._train_time if self._train_time > 0 else math.nan
+        self._images, self._train_time = 0, 0.0
+        module.history.append(row)
+        pl_module.log_dict({k: v for k, v in row.items() if k.startswith("train/")}, logger=False)

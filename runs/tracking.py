@@ -1,0 +1,214 @@
+"""MLflow recording of one run: the store, experiments, run creation, params/tags, per-epoch metrics.
+
+Default store: `sqlite:///<abs output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`. Only global
+rank 0 talks to MLflow. Metrics are logged with step = epoch number (1 = after the first epoch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pytorch_lightning as pl
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from arches import Spec, diff_from_base, spec_hash
+from arches.errors import ReslabError
+from arches.spec import flatten
+
+MAX_KEY = 250                  # MLflow limits: param/metric key length,
+MAX_PARAM_VALUE = 6000         # param value length,
+MAX_TAG_VALUE = 8000           # tag value length,
+BATCH = 100                    # params/tags per log_batch call
+METRIC_KEYS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "lr",
+               "images_per_s")
+TEST_KEYS = ("test/loss", "test/acc", "test/error")
+ROOT = Path(__file__).resolve().parents[1]
+
+for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.system_metrics"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def default_tracking_uri(output_dir: str | Path = "outputs") -> str:
+    """sqlite:///<abs output_dir>/mlflow.db (the folder is created)."""
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def artifact_root(output_dir: str | Path = "outputs") -> str:
+    """file:// URI of <abs output_dir>/mlartifacts, where experiments created here keep their artifacts."""
+    return (Path(output_dir).expanduser().resolve() / "mlartifacts").as_uri()
+
+
+def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") -> MlflowClient:
+    """An MlflowClient on the given store (default: the sqlite file in output_dir); one-line error if unusable."""
+    uri = tracking_uri or default_tracking_uri(output_dir)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif "://" not in uri:
+        raise ReslabError(f"tracking URI '{uri}' has no scheme; use sqlite:///path/mlflow.db, "
+                          f"postgresql://..., or http://host:port", file="--tracking-uri")
+    try:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001  (any store failure is a bad --tracking-uri)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReslabError(f"cannot open MLflow store {uri}: {first}", file="--tracking-uri") from None
+    return client
+
+
+def experiment_name(spec: Spec) -> str:
+    """spec.family, else the name without its depth: resnet20 -> resnet, wrn_28_10 -> wrn."""
+    if spec.family:
+        return spec.family
+    match = re.match(r"^(.*?[A-Za-z])[_-]?\d", spec.name)
+    return match.group(1) if match else spec.name
+
+
+def ensure_experiment(client: MlflowClient, name: str, output_dir: str | Path = "outputs") -> str:
+    """Id of the experiment `name`, created (artifacts under output_dir/mlartifacts) if missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(output_dir))
+    except MlflowException:  # created meanwhile by another process
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def git_commit(cwd: Path = ROOT) -> Optional[str]:
+    """HEAD's commit hash of the repository holding reslab, or None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def compact_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    """{'block.shortcut': ('A', 'B')} -> 'block.shortcut: A -> B' (one '; '-separated line)."""
+    return "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in diff.items())
+
+
+def spec_params(spec: Spec) -> list[Param]:
+    """The resolved spec flattened to dotted params, values cut to MLflow's limit."""
+    flat = flatten(spec.model_dump(mode="json"))
+    return [Param(k[:MAX_KEY], ("" if v is None else str(v))[:MAX_PARAM_VALUE]) for k, v in flat.items()]
+
+
+def spec_tags(spec: Spec, block_types: Iterable[str], params: int, macs: int) -> dict[str, str]:
+    """Tags that identify a run: spec, block, shortcut, hash, diff from base, size, git commit."""
+    tags = {"spec": spec.name, "block": ",".join(sorted(set(block_types))), "shortcut": spec.block.shortcut,
+            "data": spec.data.name, "spec_hash": spec_hash(spec), "params": str(params), "macs": str(macs)}
+    diff = diff_from_base(spec)
+    if diff:
+        tags["diff"] = compact_diff(diff)[:MAX_TAG_VALUE]
+    source = getattr(spec, "_source", None)
+    if source is not None and getattr(source, "file", None):
+        tags["spec_file"] = str(source.file)
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_params_and_tags(client: MlflowClient, run_id: str, params: list[Param], tags: dict[str, str]) -> None:
+    """log_batch in chunks of BATCH."""
+    for i in range(0, len(params), BATCH):
+        client.log_batch(run_id, params=params[i:i + BATCH])
+    items = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+    for i in range(0, len(items), BATCH):
+        client.log_batch(run_id, tags=items[i:i + BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
+    """One batch of metrics at one step (non-numeric and NaN values skipped)."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k[:MAX_KEY], float(v), now, int(step)) for k, v in values.items()
+               if isinstance(v, (int, float)) and k != "epoch" and float(v) == float(v)]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+
+
+def read_history(client: MlflowClient, run_id: str, keys: Iterable[str] = METRIC_KEYS) -> list[dict]:
+    """The run's per-epoch rows, rebuilt from MLflow's metric histories (last value per step wins)."""
+    rows: dict[int, dict] = {}
+    for key in keys:
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+            rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [rows[s] for s in sorted(rows)]
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, resume: bool = False) -> Any:
+    """MLflow's system-metrics monitor on this run (needs psutil); None when off or unavailable.
+
+    On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is false."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() in ("false", "0", "no"):
+        return None
+    try:
+        import psutil  # noqa: F401
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception:  # noqa: BLE001  (system metrics are a nicety; never fail a run for them)
+        return None
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop the monitor started by start_system_metrics (no-op for None)."""
+    if monitor is not None:
+        try:
+            monitor.finish()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class MlflowRecorder(pl.Callback):
+    """Lightning callback: logs each epoch's row (from EpochSummary) to the MLflow run, on global rank 0.
+
+    Rows of epochs already recorded (an interrupted attempt of a resumed run) are skipped: no duplicates.
+    Holds only strings until first used, so it pickles (ddp_spawn)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, recorded_through: int = 0):
+        self.tracking_uri, self.run_id, self.recorded_through = tracking_uri, run_id, recorded_through
+        self._client: Optional[MlflowClient] = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        history = getattr(pl_module, "history", None)
+        if not trainer.is_global_zero or not history:
+            return
+        row = history[-1]
+        if row["epoch"] > self.recorded_through:
+            log_metrics(self.client, self.run_id, row, step=row["epoch"])
+            self.recorded_through = row["epoch"]
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        """Test metrics at the step of the last recorded epoch."""
+        results = getattr(pl_module, "results", {}).get("test")
+        if trainer.is_global_zero and results:
+            log_metrics(self.client, self.run_id, results, step=self.recorded_through)

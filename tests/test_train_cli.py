@@ -1,0 +1,134 @@
+"""`python cli.py run` in subprocesses: bad flags and missing data (one line, exit 2), a NaN loss (exit 1),
+SIGTERM then --resume (same MLflow run, no duplicate epochs), and DDP with 2 CPU processes (one run, metrics of
+the whole test set)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, run_cli
+from runs.tracking import default_tracking_uri
+
+TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "data.val_size=256", "data.test_subset=512"]
+
+
+def tiny(data_root: Path, *extra: str) -> list[str]:
+    """`run` arguments for resnet8 on a Fashion-MNIST subset."""
+    return ["run", "specs/fmnist_resnet20.yaml", "--set", f"data.root={data_root}", *TINY, *extra,
+            "--progress", "lines"]
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def only_run(outputs: Path):
+    client = MlflowClient(default_tracking_uri(outputs))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def test_bad_flag_is_one_line_exit_2():
+    done = run_cli("run", "specs/fmnist_resnet20.yaml", "--epochs", "3")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --epochs" in one_line(done.stderr)
+    done = run_cli("run", "specs/fmnist_resnet20.yaml", "--devices", "two")
+    assert done.returncode == 2 and "--devices" in one_line(done.stderr)
+    done = run_cli("run", "--set", "train.epochs=2")
+    assert done.returncode == 2 and "spec" in one_line(done.stderr)
+
+
+def test_missing_data_is_one_line_exit_2(outputs, tmp_path):
+    done = run_cli("run", "specs/fmnist_resnet20.yaml", "--set", f"data.root={tmp_path / 'nowhere'}",
+                   "--output-dir", str(outputs))
+    assert done.returncode == 2
+    line = one_line(done.stderr)
+    assert "data.root" in line and "does not exist" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli("run", "specs/resnet20.yaml", "--set", "data.download=false", f"data.root={empty}",
+                   "--output-dir", str(outputs), env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode == 2
+    assert "cifar10 not found" in one_line(done.stderr)
+    assert not (outputs / "checkpoints").exists()   # no run was started
+
+
+def test_bad_store_and_unknown_resume_are_one_line_exit_2(outputs):
+    done = run_cli("run", "specs/fmnist_resnet20.yaml", "--tracking-uri", "nowhere", "--output-dir", str(outputs))
+    assert done.returncode == 2 and "--tracking-uri" in one_line(done.stderr)
+    done = run_cli("run", "--resume", "0123abcd", "--output-dir", str(outputs))
+    assert done.returncode == 2 and "no checkpoint to resume run 0123abcd" in one_line(done.stderr)
+
+
+def test_nan_loss_fails_with_exit_1(fashion_mnist, outputs):
+    done = run_cli(*tiny(fashion_mnist, "data.train_subset=512", "train.epochs=1", "train.lr=1.0e+30",
+                         "train.schedule.type=constant"), "--output-dir", str(outputs))
+    assert done.returncode == 1, done.stderr
+    line = one_line(done.stderr)
+    assert "failed" in line and "loss became" in line
+    _, run = only_run(outputs)
+    assert run.info.status == "FAILED" and "loss became" in run.data.tags["failure_reason"]
+
+
+def test_sigterm_then_resume(fashion_mnist, outputs):
+    args = tiny(fashion_mnist, "data.train_subset=512", "train.epochs=5", "train.batch_size=64")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--output-dir", str(outputs)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()                 # 'epoch 1/5 ...' once the first epoch is recorded
+    assert first.startswith("epoch 1/5"), first + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    line = one_line(err)
+    assert "interrupted (SIGTERM)" in line and "--resume" in line
+    client, run = only_run(outputs)
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED" and run_id in line
+    logged = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert logged and logged == sorted(set(logged)) and len(logged) < 5
+
+    done = run_cli("run", "--resume", run_id, "--output-dir", str(outputs), "--progress", "lines")
+    assert done.returncode == 0, done.stderr
+    assert run_id in done.stdout and "mlflow ui --backend-store-uri sqlite:///" in done.stdout
+    client, run = only_run(outputs)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    for key in ("train/loss", "val/loss", "lr", "images_per_s"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4, 5], key
+    assert [m.step for m in client.get_metric_history(run_id, "test/acc")] == [5]
+
+
+def test_ddp_two_cpu_processes_make_one_run(fashion_mnist, outputs):
+    done = run_cli(*tiny(fashion_mnist, "data.train_subset=1024", "train.epochs=1", "train.batch_size=64",
+                         "data.test_subset=500"),
+                   "--devices", "2", "--output-dir", str(outputs), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("test accuracy") == 1         # only rank 0 prints
+    client, run = only_run(outputs)
+    assert run.info.status == "FINISHED" and run.data.params["train.devices"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [1]
+
+    # the logged test accuracy covers all 500 test images (both shards), not one process's half
+    from runs.checkpoint import load_model
+    from runs.data import ReslabData
+
+    spec, model = load_model(run.info.run_id, tracking_uri=default_tracking_uri(outputs))
+    data = ReslabData(spec)
+    data.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    assert total == 500
+    assert run.data.metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
