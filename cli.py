@@ -87,12 +87,13 @@ def cmd_diagnose(args) -> int:
 def cmd_run(args) -> int:
     from arches import load_spec
     from arches.errors import ReslabError
-    from runs.fit import Interrupted, summary_lines, train
-    from runs.tracking import default_tracking_uri
 
     if args.spec is None and (not args.resume or args.overrides):
         raise ReslabError("give a spec file to train" if not args.resume else
                           "--set needs a spec file; --resume alone continues the recorded spec", file="run")
+    from runs.fit import Interrupted, summary_lines, train
+    from runs.tracking import default_tracking_uri
+
     overrides = list(args.overrides)
     for key, value in (("train.devices", args.devices), ("train.num_nodes", args.num_nodes)):
         if value is not None:
@@ -115,6 +116,33 @@ def cmd_run(args) -> int:
         return 1
     print("\n".join(summary_lines(result, uri)))
     return 0
+
+
+def cmd_ablate(args) -> int:
+    from search import options_from_args, print_report, run_study
+
+    summary = run_study(options_from_args(args, kind="ablation" if args.command == "ablate" else "search"))
+    print(json.dumps(summary, indent=2)) if args.json else print_report(summary)
+    return 0
+
+
+def cmd_search(args) -> int:
+    return cmd_ablate(args)
+
+
+def cmd_report(args) -> int:
+    from search import print_report, report_study
+
+    summary = report_study(args.study, storage=args.storage, output_dir=args.output_dir,
+                           tracking_uri=args.tracking_uri)
+    print(json.dumps(summary, indent=2)) if args.json else print_report(summary)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from search import serve_ui
+
+    return serve_ui(output_dir=args.output_dir, port=args.port, tracking_uri=args.tracking_uri, host=args.host)
 
 
 def build_parser() -> Parser:
@@ -172,6 +200,33 @@ def build_parser() -> Parser:
     p.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
                    help="rich progress bar, one line per epoch, or by whether stdout is a terminal")
     p.set_defaults(handler=cmd_run)
+
+    from search import add_study_arguments
+
+    p = sub.add_parser("ablate", help="train an ablation (arms x paired seeds) with N workers; report n, mean ± "
+                                      "std, Δ vs baseline with 95%% CI and paired t-test")
+    add_study_arguments(p)
+    p.set_defaults(handler=cmd_ablate)
+
+    p = sub.add_parser("search", help="run an Optuna search (TPE, random, grid, NSGA-II; pruning) over a spec")
+    add_study_arguments(p)
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("report", help="per-arm statistics (or a search's trials) of a stored study")
+    p.add_argument("study", help="study name, or its ablation/search file")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUTPUT_DIR/optuna.db)")
+    p.add_argument("--tracking-uri", help="MLflow store of the study's runs, named in the report (default: "
+                                          "sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.add_argument("--output-dir", default="outputs", help="where the default stores live (outputs)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the local store")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1, this machine only)")
+    p.add_argument("--output-dir", default="outputs", help="where the default store lives (outputs)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.set_defaults(handler=cmd_ui)
 
     # (each command: one parser block here, one cmd_ function above)
     return parser

@@ -371,7 +371,7 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
                               f"{spec_hash(stored)}); resume without a spec file", file="--resume")
     if spec is None:
         raise ReslabError("give a spec to train (or --resume RUN_ID)", file="spec")
-    uri = tracking_uri or tracking.default_tracking_uri(output_dir)
+    uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
 
     pl.seed_everything(spec.train.seed, workers=True, verbose=False)
     from .data import ReslabData

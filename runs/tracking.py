@@ -48,9 +48,21 @@ def artifact_root(output_dir: str | Path = "outputs") -> str:
     return (Path(output_dir).expanduser().resolve() / "mlartifacts").as_uri()
 
 
+def with_driver(url: str) -> str:
+    """postgresql://... -> postgresql+psycopg2://... when only psycopg2 is installed (SQLAlchemy 2.1 defaults
+    to psycopg 3 for a bare postgresql:// URL)."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
 def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") -> MlflowClient:
     """An MlflowClient on the given store (default: the sqlite file in output_dir); one-line error if unusable."""
-    uri = tracking_uri or default_tracking_uri(output_dir)
+    uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     elif "://" not in uri:

@@ -1,0 +1,53 @@
+"""reslab's study side: ablations and Optuna searches over specs, their workers, records and reports.
+
+    plan = load_study_file("specs/ablations/shortcuts.yaml", ["train.epochs=2"])   # checked, one-line errors
+    summary = run_study(StudyOptions("specs/ablations/shortcuts.yaml", workers=2))  # train every trial
+    print_report(report_study("shortcuts"))                                        # n, mean ± std, Δ, CI, p
+"""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["StudyOptions", "StudyPlan", "add_study_arguments", "load_study_file", "options_from_args",
+           "print_report", "report_study", "run_study", "serve_ui", "study_name_of"]
+
+
+def __getattr__(name: str):  # heavy modules (torch, optuna, mlflow) load on first use
+    if name in ("StudyPlan", "load_study_file", "study_name_of"):
+        from . import space
+        return getattr(space, name)
+    if name in ("StudyOptions", "run_study"):
+        from . import study
+        return getattr(study, name)
+    if name in ("print_report", "report_study"):
+        from . import report
+        return getattr(report, name)
+    if name == "serve_ui":
+        from .ui import serve_ui
+        return serve_ui
+    raise AttributeError(name)
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `ablate` and `search`."""
+    p.add_argument("file", help="ablation or search YAML file")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override the base spec for every trial (applied after the file's `set:`)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU; CPU cores are split)")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers and machines "
+                                     "(default: sqlite:///OUTPUT_DIR/optuna.db; e.g. postgresql://user@host/db)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.add_argument("--output-dir", default="outputs", help="local stores, checkpoints (default: outputs)")
+    p.add_argument("--study", help="study name (default: the file's `name:` or file name)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
+                   help="trial heartbeat; a trial silent for 3x this long is retried (default: 10)")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+
+def options_from_args(args: argparse.Namespace, kind: str):
+    """StudyOptions from parsed `ablate`/`search` arguments."""
+    from .study import StudyOptions
+
+    return StudyOptions(file=args.file, overrides=list(args.overrides), study=args.study, storage=args.storage,
+                        tracking_uri=args.tracking_uri, output_dir=args.output_dir, workers=args.workers,
+                        heartbeat=args.heartbeat, progress=False if args.workers > 1 else None, kind=kind)

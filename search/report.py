@@ -1,0 +1,472 @@
+"""A study's results: per-arm statistics (or the search's trials), tables (rich, CSV, Markdown), figures, and
+the MLflow parent run's artifacts. Reads the Optuna storage; the MLflow store only for curves and run states.
+
+    summary = report_study("shortcuts")          # a dict, JSON-ready (`python cli.py report shortcuts --json`)
+    print_report(summary)                        # rich tables
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from arches.errors import ReslabError, did_you_mean
+
+from . import plots, recording
+from .objective import OUTCOME, REASON, RETRY_OF
+from .stats import compare_arms, describe
+from .study import META, PARENT
+from .storage import open_storage, shown
+
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
+# ---- summarising ----------------------------------------------------------------------------------------
+def _num(v: Any) -> Any:
+    """JSON-safe number: NaN/inf -> None."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return _num(obj)
+
+
+def _state_counts(trials: list) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return counts
+
+
+def summarize(study: optuna.Study) -> dict:
+    """Everything a report shows, as plain data (NaN as None)."""
+    meta = study.user_attrs.get(META)
+    if not meta:
+        raise ReslabError(f"study '{study.study_name}' was not made by reslab (no definition stored)")
+    trials = study.get_trials(deepcopy=False)
+    out: dict[str, Any] = {"study": study.study_name, "kind": meta["kind"], "file": meta.get("file"),
+                           "parent_run_id": study.user_attrs.get(PARENT), "metrics": meta["metrics"],
+                           "trials": _state_counts(trials)}
+    if meta["kind"] == "ablation":
+        out.update(_ablation(meta, trials))
+    else:
+        out.update(_search(study, meta, trials))
+    out["importances"] = _importances(study, [t for t in trials if t.state == TrialState.COMPLETE])
+    return _clean(out)
+
+
+def _ablation(meta: dict, trials: list) -> dict:
+    arms = {a["name"]: a for a in meta["arms"]}
+    values: dict[str, dict[str, dict[int, float]]] = {m["name"]: {a: {} for a in arms} for m in meta["metrics"]}
+    info = {a: {"name": a, "labels": arms[a]["labels"], "reference": arms[a]["reference"],
+                "width_multiplier": arms[a].get("width_multiplier"), "params": None, "macs": None,
+                "complete": [], "failed": [], "running": [], "duplicates": 0} for a in arms}
+    for t in trials:
+        arm, seed = t.params.get("arm"), t.params.get("seed")
+        if arm not in info:
+            continue
+        row = info[arm]
+        cost = t.user_attrs.get("reslab.cost") or {}
+        row["params"], row["macs"] = cost.get("params", row["params"]), cost.get("macs", row["macs"])
+        if t.user_attrs.get("reslab.width_multiplier") is not None:
+            row["width_multiplier"] = t.user_attrs["reslab.width_multiplier"]
+        if t.state == TrialState.COMPLETE:
+            if seed in row["complete"]:
+                row["duplicates"] += 1
+                continue
+            row["complete"].append(seed)
+            metrics = t.user_attrs.get("reslab.metrics", {})
+            for m in values:
+                if m in metrics:
+                    values[m][arm][seed] = float(metrics[m])
+        elif t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) in ("diverged", "invalid"):
+            row["failed"].append({"seed": seed, "trial": t.number, "reason": t.user_attrs.get(REASON, "")})
+        elif t.state == TrialState.RUNNING:
+            row["running"].append(seed)
+    references = {a: arms[a]["reference"] for a in arms}
+    results = {m: [s.to_dict() for s in compare_arms(values[m], references)] for m in values}
+    out: dict[str, Any] = {"seeds": meta["seeds"], "axes": meta["axes"], "arms": list(info.values()),
+                           "results": results, "pivots": []}
+    pivot = meta.get("pivot")
+    if pivot:
+        for m in pivot.get("metrics") or [x["name"] for x in meta["metrics"]]:
+            out["pivots"].append(_pivot(meta, values[m], m, pivot["rows"], pivot["columns"]))
+    return out
+
+
+def _pivot(meta: dict, values: dict[str, dict[int, float]], metric: str, rows: str, columns: str) -> dict:
+    """metric by the labels of two axes (mean over seeds and over any other axes' arms)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for a in meta["arms"]:
+        r, c = a["labels"][rows], a["labels"][columns]
+        cells.setdefault(r, {}).setdefault(c, []).extend(values.get(a["name"], {}).values())
+    table = {r: {c: dict(zip(("n", "mean", "std"), describe(v))) for c, v in cols.items()}
+             for r, cols in cells.items()}
+    return {"metric": metric, "rows": rows, "columns": columns, "row_labels": meta["axes"][rows],
+            "column_labels": meta["axes"][columns], "cells": table}
+
+
+def _search(study: optuna.Study, meta: dict, trials: list) -> dict:
+    names = [m["name"] for m in meta["metrics"]]
+    rows = []
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for t in trials:
+        rows.append({"number": t.number, "state": t.state.name, "outcome": t.user_attrs.get(OUTCOME),
+                     "params": t.params, "values": list(t.values) if t.values else None,
+                     "reason": t.user_attrs.get(REASON), "retried": t.number in retried,
+                     "metrics": t.user_attrs.get("reslab.metrics", {})})
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best: list[int] = []
+    if complete:
+        best = [t.number for t in study.best_trials] if len(names) > 1 else [study.best_trial.number]
+    return {"objectives": names, "trials_table": rows, "best": best}
+
+
+def _importances(study: optuna.Study, complete: list) -> dict[str, float]:
+    params = {k for t in complete for k in t.params}
+    if len(params) < 2 or len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return {}
+    try:
+        target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, target=target).items()}
+    except Exception:  # noqa: BLE001  (too few distinct values etc.: no importances, no failure)
+        return {}
+
+
+# ---- printing -------------------------------------------------------------------------------------------
+def _percent(metric: str) -> bool:
+    return metric.endswith("/error") or metric.endswith("/acc")
+
+
+def fmt(metric: str, v: Optional[float], sign: bool = False) -> str:
+    """A metric value for people: errors and accuracies in %, costs with K/M/G."""
+    if v is None:
+        return "—"
+    if _percent(metric):
+        return f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}"
+    if metric in ("params", "macs"):
+        from arches.report import human
+        return ("+" if sign and v > 0 else "") + human(int(v))
+    return f"{v:+.4g}" if sign else f"{v:.4g}"
+
+
+def _p(p: Optional[float]) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
+
+
+def ablation_table(summary: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of one metric: arm, n, mean ± std, Δ vs reference, 95% CI, p, [width ×], MACs, params.
+
+    p is the paired t-test by seed; 'W' marks Welch's test (seeds did not match)."""
+    arms = {a["name"]: a for a in summary["arms"]}
+    refs = {s["reference"] for s in summary["results"][metric]}
+    matched = any(a.get("width_multiplier") not in (None, 1, 1.0) for a in summary["arms"])
+    columns = ["arm", "n", "mean ± std", "Δ" if len(refs) > 1 else f"Δ vs {next(iter(refs))}", "95% CI", "p"]
+    columns += (["width ×"] if matched else []) + ["MACs", "params"]
+    rows = []
+    for s in summary["results"][metric]:
+        a = arms[s["arm"]]
+        c = s.get("comparison")
+        mean = "—" if s["mean"] is None else fmt(metric, s["mean"]) + \
+            ("" if s["std"] is None else f" ± {fmt(metric, s['std'])}")
+        if s["arm"] == s["reference"]:
+            diff, ci, p = "baseline", "", ""
+        elif c is None:
+            diff, ci, p = "—", "", ""
+        else:
+            diff = fmt(metric, c["diff"], sign=True)
+            if len(refs) > 1:
+                ref = arms[s["reference"]]["labels"]
+                diff += " vs " + ",".join(f"{k.split('.')[-1]}={v}" if len(ref) > 1 else v
+                                          for k, v in ref.items() if a["labels"].get(k) != v)
+            ci = "—" if c["ci_low"] is None else f"{fmt(metric, c['ci_low'], True)}…{fmt(metric, c['ci_high'], True)}"
+            p = _p(c["p"]) + (" W" if c["test"].startswith("Welch") else "")
+        failed = len(a["failed"])
+        row = [s["arm"], str(s["n"]) + (f" +{failed} failed" if failed else ""), mean, diff, ci, p]
+        if matched:
+            row.append("" if a["width_multiplier"] is None else f"{a['width_multiplier']:.4g}")
+        rows.append(row + [fmt("macs", a["macs"]), fmt("params", a["params"])])
+    return columns, rows
+
+
+def print_report(summary: dict, console: Optional[Console] = None) -> None:
+    """Rich tables of a study summary (160 columns wide when printing to a file or pipe)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+    counts = ", ".join(f"{v} {k}" for k, v in summary["trials"].items())
+    console.print(f"[bold]{summary['kind']} {summary['study']}[/bold]  trials: {counts or 'none'}  "
+                  f"parent run {summary.get('parent_run_id')}")
+    if summary["kind"] == "ablation":
+        for m in summary["metrics"]:
+            name = m["name"]
+            unit = " (%)" if _percent(name) else ""
+            columns, rows = ablation_table(summary, name)
+            table = Table(title=f"{name}{unit} ({m['goal']}): mean ± std over seeds; Δ with 95% CI and p of the "
+                                f"paired t-test by seed (W: Welch)")
+            for col in columns:
+                table.add_column(col, justify="left" if col in ("arm", "95% CI") else "right", no_wrap=True)
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+        for pv in summary["pivots"]:
+            unit = " (%)" if _percent(pv["metric"]) else ""
+            table = Table(title=f"{pv['metric']}{unit} by {pv['rows']} × {pv['columns']} (mean ± std over seeds)")
+            table.add_column(pv["rows"])
+            for c in pv["column_labels"]:
+                table.add_column(f"{pv['columns']}={c}", justify="right")
+            for r in pv["row_labels"]:
+                table.add_row(r, *[_cell(pv, r, c) for c in pv["column_labels"]])
+            console.print(table)
+        for a in summary["arms"]:
+            for f in a["failed"]:
+                console.print(f"[red]arm {a['name']} seed {f['seed']} failed[/red]: {f['reason']}")
+    else:
+        print_search(summary, console)
+    if summary["importances"]:
+        console.print("parameter importances (Optuna fANOVA): " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items()))
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        console.print(f"MLflow: experiment '{m['experiment']}' in {m['tracking_uri']} (curves, children, "
+                      f"artifacts: python cli.py ui)", soft_wrap=True)
+
+
+def _cell(pv: dict, row: str, col: str) -> str:
+    cell = pv["cells"].get(row, {}).get(col)
+    if not cell or not cell["n"]:
+        return "—"
+    std = "" if cell["std"] is None else f" ± {fmt(pv['metric'], cell['std'])}"
+    return f"{fmt(pv['metric'], cell['mean'])}{std} (n={cell['n']})"
+
+
+def print_search(summary: dict, console: Console) -> None:
+    names = summary["objectives"]
+    table = Table(title=f"trials (best: {', '.join(map(str, summary['best'])) or '—'})")
+    keys = sorted({k for r in summary["trials_table"] for k in r["params"]})
+    for col in ["#", "state", *keys, *names]:
+        table.add_column(col, justify="right" if col not in ("state",) else "left")
+    for r in summary["trials_table"]:
+        values = r["values"] or [None] * len(names)
+        mark = "*" if r["number"] in summary["best"] else ""
+        table.add_row(f"{r['number']}{mark}", (r["outcome"] or r["state"].lower()) + (" (retried)" if r["retried"]
+                                                                                         else ""),
+                      *[_param(r["params"].get(k)) for k in keys], *[fmt(n, v) for n, v in zip(names, values)])
+    console.print(table)
+
+
+def _param(v: Any) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---- files ----------------------------------------------------------------------------------------------
+def results_csv(summary: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if summary["kind"] == "ablation":
+        axes = list(summary["axes"])
+        w.writerow(["metric", "arm", *axes, "reference", "n", "mean", "std", "diff", "ci_low", "ci_high", "p",
+                    "test", "width_multiplier", "params", "macs", "seeds"])
+        arms = {a["name"]: a for a in summary["arms"]}
+        for metric, rows in summary["results"].items():
+            for s in rows:
+                a, c = arms[s["arm"]], s.get("comparison") or {}
+                w.writerow([metric, s["arm"], *[a["labels"].get(x, "") for x in axes], s["reference"], s["n"],
+                            s["mean"], s["std"], c.get("diff"), c.get("ci_low"), c.get("ci_high"), c.get("p"),
+                            c.get("test"), a["width_multiplier"], a["params"], a["macs"],
+                            " ".join(f"{k}:{v}" for k, v in s["values"].items())])
+    else:
+        keys = sorted({k for r in summary["trials_table"] for k in r["params"]})
+        w.writerow(["trial", "state", "outcome", *keys, *summary["objectives"], "reason"])
+        for r in summary["trials_table"]:
+            values = r["values"] or [None] * len(summary["objectives"])
+            w.writerow([r["number"], r["state"], r["outcome"], *[r["params"].get(k) for k in keys], *values,
+                        r["reason"]])
+    return buf.getvalue()
+
+
+def results_markdown(summary: dict) -> str:
+    lines = [f"# {summary['kind']} {summary['study']}", ""]
+    if summary["kind"] == "ablation":
+        for m in summary["metrics"]:
+            columns, rows = ablation_table(summary, m["name"])
+            lines += [f"## {m['name']}{' (%)' if _percent(m['name']) else ''} ({m['goal']})", "",
+                      "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            lines.append("")
+        for pv in summary["pivots"]:
+            cols = pv["column_labels"]
+            lines += [f"## {pv['metric']} by {pv['rows']} × {pv['columns']}", "",
+                      f"| {pv['rows']} | " + " | ".join(f"{pv['columns']}={c}" for c in cols) + " |",
+                      "|" + "---|" * (len(cols) + 1)]
+            lines += [f"| {r} | " + " | ".join(_cell(pv, r, c) for c in cols) + " |" for r in pv["row_labels"]]
+            lines.append("")
+    else:
+        names = summary["objectives"]
+        keys = sorted({k for r in summary["trials_table"] for k in r["params"]})
+        lines += ["| trial | state | " + " | ".join(keys + names) + " |", "|" + "---|" * (2 + len(keys) + len(names))]
+        for r in summary["trials_table"]:
+            values = r["values"] or [None] * len(names)
+            lines.append(f"| {r['number']}{'*' if r['number'] in summary['best'] else ''} | "
+                         f"{r['outcome'] or r['state'].lower()} | " +
+                         " | ".join([_param(r["params"].get(k)) for k in keys] +
+                                    [fmt(n, v) for n, v in zip(names, values)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_files(summary: dict, study: optuna.Study, client: Any, folder: Path) -> list[Path]:
+    """results.csv, results.md, summary.json and the figures that apply; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, text in (("results.csv", results_csv(summary)), ("results.md", results_markdown(summary)),
+                       ("summary.json", json.dumps(summary, indent=2))):
+        (folder / name).write_text(text)
+        files.append(folder / name)
+    if summary["kind"] == "ablation" and client is not None:
+        curves = arm_histories(study, client)
+        if any(curves.values()):
+            files.append(plots.arm_curves(curves, folder / "curves.png", title=f"{summary['study']}: error, "
+                                          f"train (dashed) / val (bold), mean over seeds"))
+    if summary["kind"] == "search" and len(summary["objectives"]) >= 2:
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        if complete:
+            points = [t.values[:2] for t in complete]
+            front = [t.values[:2] for t in study.best_trials]
+            files.append(plots.pareto_front(points, front, summary["objectives"][:2], folder / "pareto.png",
+                                            title=f"{summary['study']}: Pareto front"))
+    imp = summary.get("importances") or {}
+    if imp:
+        (folder / "importances.json").write_text(json.dumps(imp, indent=2))
+        files += [folder / "importances.json", plots.importances(imp, folder / "importances.png")]
+    return files
+
+
+def arm_histories(study: optuna.Study, client: Any) -> dict[str, list[dict[int, dict[str, float]]]]:
+    """arm -> per seed {epoch: {train/error, val/error}} from the child runs' metric histories."""
+    out: dict[str, list] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = t.user_attrs.get("reslab.run_id")
+        if not run_id:
+            continue
+        hist = recording.histories(client, run_id, ("train/error", "val/error"))
+        rows: dict[int, dict[str, float]] = {}
+        for key, points in hist.items():
+            for step, value in points:
+                rows.setdefault(step, {})[key] = value
+        out.setdefault(t.params["arm"], []).append(rows)
+    return out
+
+
+# ---- after a run, and the `report` command ---------------------------------------------------------------
+def close_dead_children(study: optuna.Study, client: Any) -> int:
+    """Child runs of trials whose worker died (FAIL, no outcome) still say RUNNING: end them FAILED."""
+    parent = study.user_attrs.get(PARENT)
+    if not parent or client is None:
+        return 0
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = recording.trial_runs(client, experiment_id, parent)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get(OUTCOME):
+            continue
+        for run in runs.get(t.number, []):
+            if run.info.status == "RUNNING":
+                recording.mark_child(client, run.info.run_id, "FAILED", reason="worker died (no heartbeat)",
+                                     status="FAILED")
+                n += 1
+    return n
+
+
+def is_done(study: optuna.Study) -> bool:
+    """No trial is running or waiting (workers stop only when the cells or the budget are used up)."""
+    return not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def finalize(storage_url: str, name: str, client: Any, storage: Any = None, interrupted: bool = False,
+             folder: Optional[Path] = None) -> dict:
+    """After workers stop: summarise, close children of dead workers, log the study's files to the parent run
+    and end it (FINISHED, or KILLED when interrupted). Returns the summary."""
+    storage = storage or open_storage(storage_url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    summary = summarize(study)
+    close_dead_children(study, client)
+    parent = study.user_attrs.get(PARENT)
+    with tempfile.TemporaryDirectory(prefix="reslab-report-") as tmp:
+        files = write_files(summary, study, client, Path(folder or tmp))
+        if parent:
+            recording.log_files(client, parent, files, "results")
+    if parent:
+        _log_parent_metrics(client, parent, summary)
+        if interrupted:
+            client.set_terminated(parent, status="KILLED")
+        elif is_done(study):
+            client.set_terminated(parent, status="FINISHED")
+    return summary
+
+
+def _log_parent_metrics(client: Any, run_id: str, summary: dict) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    metrics = []
+    if summary["kind"] == "ablation":
+        for metric, rows in summary["results"].items():
+            for s in rows:
+                if s["mean"] is not None:
+                    metrics.append(Metric(recording.metric_key(s["arm"], metric, "mean"), s["mean"], now, 0))
+                if s["std"] is not None:
+                    metrics.append(Metric(recording.metric_key(s["arm"], metric, "std"), s["std"], now, 0))
+    for state, n in summary["trials"].items():
+        metrics.append(Metric(f"trials/{state}", float(n), now, 0))
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
+
+
+def load_study_by_ref(ref: str, storage_url: str) -> optuna.Study:
+    """The study named `ref` (or named by the ablation/search file `ref`); one-line error when missing."""
+    from .space import study_name_of
+
+    name = study_name_of(ref)
+    if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).expanduser().exists():
+        raise ReslabError(f"no study storage at {storage_url} (run an ablation or search first, or give "
+                          f"--storage / --output-dir)", file=ref)
+    storage = open_storage(storage_url)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise ReslabError(f"no study '{name}' in {shown(storage_url)}{did_you_mean(name, names)}; studies there: "
+                          f"{', '.join(names) or 'none'}", file=ref if ref != name else None)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def report_study(ref: str, storage: Optional[str] = None, output_dir: str = "outputs",
+                 tracking_uri: Optional[str] = None) -> dict:
+    """The summary of a stored study (by name or by its ablation/search file), with where its MLflow records are."""
+    from .storage import default_storage, with_driver
+
+    study = load_study_by_ref(ref, with_driver(storage or default_storage(output_dir)))
+    summary = summarize(study)
+    if tracking_uri is None:
+        tracking_uri = f"sqlite:///{Path(output_dir).expanduser().resolve() / 'mlflow.db'}"
+    summary["mlflow"] = {"tracking_uri": tracking_uri,
+                         "experiment": recording.experiment_name(summary["kind"], summary["study"])}
+    return summary
+

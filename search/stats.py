@@ -1,0 +1,85 @@
+"""Comparing arms over seeds: n, mean, std, and the difference from a reference arm with a 95% CI and p-value.
+
+Arms run with the same seeds share data order and initial weights, so their results are paired by seed: the
+paired t-test (scipy.stats.ttest_rel) on the per-seed differences. Arms whose seeds do not match (a seed
+failed in one of them) are compared with Welch's t-test (scipy.stats.ttest_ind, equal_var=False).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Comparison:
+    diff: float                      # mean(arm) - mean(reference) (paired: mean of the per-seed differences)
+    ci_low: float
+    ci_high: float
+    p: float                         # two-sided; NaN when it cannot be computed (n < 2, no variance)
+    test: str                        # 'paired t' | 'Welch t'
+    n: int                           # pairs (paired) or arm's n (Welch)
+
+
+@dataclass
+class ArmStats:
+    arm: str
+    reference: str
+    n: int
+    mean: float
+    std: float                       # sample standard deviation (ddof=1); NaN for n < 2
+    values: dict[int, float] = field(default_factory=dict)   # seed -> value
+    comparison: Optional[Comparison] = None                  # None for the reference arm itself
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["values"] = {str(k): v for k, v in self.values.items()}
+        return d
+
+
+def describe(values: list[float]) -> tuple[int, float, float]:
+    """n, mean, sample std (NaN when undefined)."""
+    a = np.asarray(values, dtype=float)
+    n = len(a)
+    mean = float(a.mean()) if n else math.nan
+    std = float(a.std(ddof=1)) if n >= 2 else math.nan
+    return n, mean, std
+
+
+def compare(arm: dict[int, float], reference: dict[int, float]) -> Optional[Comparison]:
+    """Difference of `arm` from `reference` (seed -> value each); paired when their seeds match."""
+    if not arm or not reference:
+        return None
+    seeds = sorted(arm)
+    if set(arm) == set(reference) and len(seeds) >= 2:
+        a = np.array([arm[s] for s in seeds], dtype=float)
+        b = np.array([reference[s] for s in seeds], dtype=float)
+        d = a - b
+        n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+        half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
+        p = float(stats.ttest_rel(a, b).pvalue) if sd > 0 else math.nan
+        return Comparison(mean, mean - half, mean + half, p, "paired t", n)
+    a = np.array(list(arm.values()), dtype=float)
+    b = np.array(list(reference.values()), dtype=float)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+        return Comparison(diff, math.nan, math.nan, math.nan, "Welch t", len(a))
+    res = stats.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(CONFIDENCE)
+    return Comparison(diff, float(ci.low), float(ci.high), float(res.pvalue), "Welch t", len(a))
+
+
+def compare_arms(values: dict[str, dict[int, float]], references: dict[str, str]) -> list[ArmStats]:
+    """One ArmStats per arm (in the order of `references`), each compared with its reference arm."""
+    out = []
+    for arm, ref in references.items():
+        mine = values.get(arm, {})
+        n, mean, std = describe(list(mine.values()))
+        comparison = None if arm == ref else compare(mine, values.get(ref, {}))
+        out.append(ArmStats(arm, ref, n, mean, std, dict(mine), comparison))
+    return out

@@ -1,0 +1,456 @@
+"""Run a study: create or resume it in the shared storage, start workers, let each pull trials until done.
+
+Every worker loops: under the study lock it fails stale trials (workers that stopped sending heartbeats),
+enqueues what is missing (ablation cells and grid points that never ran or whose attempt died; retries of
+dead search trials) and claims the next trial; then it trains that trial outside the lock with a heartbeat
+thread running. So no ablation cell runs twice, the trial budget holds across workers and machines, and a
+restart loses nothing that finished.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from arches.errors import ReslabError
+
+from . import recording
+from .objective import ATTEMPT, FINAL_OUTCOMES, OUTCOME, RETRY_OF, TrialContext, ablation_cell, record, run_trial
+from .space import StudyPlan, load_study_file
+from .storage import default_storage, open_storage, shown, study_lock, with_driver
+
+ROOT = Path(__file__).resolve().parents[1]
+FINGERPRINT, META, PARENT, KIND, TEXT, BASE_TEXT = ("reslab.fingerprint", "reslab.meta", "reslab.parent_run_id",
+                                                    "reslab.kind", "reslab.file_text", "reslab.base_text")
+RUN, WAIT, STOP = "run", "wait", "stop"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class StudyOptions:
+    """How to run a study file: where its storage and MLflow store are, how many workers."""
+    file: str
+    overrides: list[str] = field(default_factory=list)
+    study: Optional[str] = None              # study name (default: the file's `name:` or its file name)
+    storage: Optional[str] = None            # default: sqlite:///<output_dir>/optuna.db
+    tracking_uri: Optional[str] = None       # default: sqlite:///<output_dir>/mlflow.db
+    output_dir: str = "outputs"
+    workers: int = 1
+    heartbeat: int = 10                      # seconds between a running trial's heartbeats
+    grace: Optional[int] = None              # seconds without heartbeat before a trial counts as dead (3 x)
+    progress: Optional[bool] = None
+    deadline: Optional[float] = None         # time.time() after which no new trial starts
+    kind: Optional[str] = None               # ablation | search: what the command expects
+
+    def resolved(self) -> "StudyOptions":
+        from runs.tracking import default_tracking_uri
+
+        out = Path(self.output_dir).expanduser().resolve()
+        return StudyOptions(**{**asdict(self), "output_dir": str(out),
+                               "storage": with_driver(self.storage or default_storage(out)),
+                               "tracking_uri": with_driver(self.tracking_uri or default_tracking_uri(out))})
+
+
+# ---- study bookkeeping (all under the lock) -------------------------------------------------------------
+def _params(t: optuna.trial.FrozenTrial) -> dict:
+    return dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
+
+
+def _final(t: optuna.trial.FrozenTrial) -> bool:
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or \
+        (t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) in FINAL_OUTCOMES)
+
+
+def _counts_as_attempt(t: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL that is not a result: the worker died (no outcome) or the trial raised an error."""
+    return t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) in (None, "error")
+
+
+def fixed_cells(plan: StudyPlan) -> Optional[list[dict]]:
+    """Trials given up front: ablation (arm, seed) cells, or every point of a grid search; None otherwise."""
+    if plan.kind == "ablation":
+        return [{"arm": a, "seed": s} for a, s in plan.cells()]
+    if plan.sampler == "grid":
+        keys = [d.key for d in plan.dimensions]
+        grid = [dict(zip(keys, combo)) for combo in itertools.product(*(d.grid_values() for d in plan.dimensions))]
+        return grid[:plan.trials]
+    return None
+
+
+def _cell_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def cell_status(plan: StudyPlan, trials: list) -> dict[str, dict]:
+    """Per fixed cell: its trials, whether it is done, active (waiting/running), and its failed attempts."""
+    cells = {_cell_key(c): {"params": c, "trials": [], "done": False, "active": False, "attempts": 0}
+             for c in fixed_cells(plan) or []}
+    for t in trials:
+        cell = cells.get(_cell_key(_params(t)))
+        if cell is None:
+            continue
+        cell["trials"].append(t)
+        if _final(t):
+            cell["done"] = True
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+            cell["active"] = True
+        elif _counts_as_attempt(t):
+            cell["attempts"] += 1
+    return cells
+
+
+def enqueue_missing(study: optuna.Study, plan: StudyPlan) -> int:
+    """Enqueue every fixed cell that is neither done nor active nor given up; returns how many."""
+    n = 0
+    for cell in cell_status(plan, study.get_trials(deepcopy=False)).values():
+        if cell["done"] or cell["active"] or cell["attempts"] >= plan.max_attempts:
+            continue
+        attrs = {ATTEMPT: cell["attempts"] + 1}
+        failed = [t for t in cell["trials"] if t.state == TrialState.FAIL]
+        if failed:
+            attrs[RETRY_OF] = failed[-1].number
+        study.enqueue_trial(cell["params"], user_attrs=attrs)
+        n += 1
+    return n
+
+
+def enqueue_retries(study: optuna.Study, plan: StudyPlan) -> int:
+    """Search: re-enqueue the values of trials that died or raised, up to max_attempts per chain."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    n = 0
+    for t in trials:
+        if t.state != TrialState.FAIL or t.user_attrs.get(OUTCOME) in FINAL_OUTCOMES or t.number in retried:
+            continue
+        attempt = int(t.user_attrs.get(ATTEMPT, 1))
+        if t.user_attrs.get(OUTCOME) == "interrupted":
+            attempt -= 1                      # a Ctrl-C is not the trial's fault
+        if attempt >= plan.max_attempts or not t.params:
+            continue
+        study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number, ATTEMPT: attempt + 1})
+        n += 1
+    return n
+
+
+def search_used(plan: StudyPlan, trials: list) -> int:
+    """Trials that count against the budget: results, given-up attempts, and those waiting or running."""
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    used = 0
+    for t in trials:
+        if _final(t) or t.state in (TrialState.WAITING, TrialState.RUNNING):
+            used += 1
+        elif t.state == TrialState.FAIL and t.number not in retried:
+            used += 1                         # given up (no retry): counts, or the budget would never end
+    return used
+
+
+def next_action(study: optuna.Study, plan: StudyPlan, deadline: Optional[float]) -> str:
+    trials = study.get_trials(deepcopy=False)
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    running = any(t.state == TrialState.RUNNING for t in trials)
+    if deadline is not None and time.time() >= deadline:
+        return STOP
+    if waiting:
+        return RUN
+    if fixed_cells(plan) is None and search_used(plan, trials) < plan.trials:
+        return RUN
+    return WAIT if running else STOP
+
+
+# ---- samplers and pruners -------------------------------------------------------------------------------
+def make_sampler(plan: StudyPlan, worker: int, workers: int) -> optuna.samplers.BaseSampler:
+    seed = None if plan.sampler_seed is None else plan.sampler_seed + 1000 * worker
+    if plan.kind == "ablation" or plan.sampler in ("random", "grid"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if plan.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=workers > 1)
+
+
+def make_pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
+    p = plan.pruner
+    if plan.kind == "ablation" or p is None or p.type == "none":
+        return optuna.pruners.NopPruner()
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs))
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+
+
+# ---- creating / resuming --------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    name: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    created: bool
+    client: Any = None
+
+
+def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
+    """Create (or load and check) the Optuna study and its MLflow parent run, once, under the lock (which
+    also keeps two processes from initialising a new MLflow database at the same time)."""
+    from runs.tracking import client_for, ensure_experiment
+
+    fingerprint = plan.fingerprint()
+    experiment = recording.experiment_name(plan.kind, plan.name)
+    with study_lock(storage, plan.name):
+        client = client_for(opts.tracking_uri, opts.output_dir)
+        created = False
+        try:
+            study = optuna.load_study(study_name=plan.name, storage=storage)
+        except KeyError:
+            study = optuna.create_study(study_name=plan.name, storage=storage,
+                                        directions=[m.goal for m in plan.objectives])
+            created = True
+        attrs = study.user_attrs
+        if attrs.get(FINGERPRINT, fingerprint) != fingerprint:
+            raise ReslabError(f"study '{plan.name}' in {shown(opts.storage)} was made from another definition "
+                              f"(the file, its base spec or --set changed); run it under a new name with --study "
+                              f"NAME", file=str(plan.file))
+        if created or FINGERPRINT not in attrs:
+            study.set_user_attr(FINGERPRINT, fingerprint)
+            study.set_user_attr(KIND, plan.kind)
+            study.set_user_attr(META, plan.meta())
+            study.set_user_attr(TEXT, plan.text)
+            study.set_user_attr(BASE_TEXT, plan.base.read_text())
+        experiment_id = ensure_experiment(client, experiment, opts.output_dir)
+        parent = attrs.get(PARENT)
+        if not recording.run_exists(client, parent):
+            if parent:
+                print(f"note: parent run {parent} of study '{plan.name}' is not in {opts.tracking_uri}; "
+                      f"starting a new one (give every worker the same --tracking-uri)", file=sys.stderr)
+            parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind)
+            study.set_user_attr(PARENT, parent)
+            recording.log_files(client, parent, [plan.file, plan.base], "study")
+        else:
+            recording.reopen(client, parent)
+    return Prepared(plan.name, experiment, experiment_id, parent, created, client)
+
+
+# ---- the worker loop ------------------------------------------------------------------------------------
+class Heartbeat:
+    """Records a running trial's heartbeat every `interval` seconds from a thread."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: int):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as e:  # noqa: BLE001  (a missed beat is retried next interval)
+                print(f"heartbeat of trial {self.trial_id} failed: {e}", file=sys.stderr)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _claim(study: optuna.Study, storage: Any, plan: StudyPlan, deadline: Optional[float]) -> tuple[str, Any]:
+    """Under the lock: fail stale trials, enqueue missing cells/retries, then claim a trial (or wait/stop)."""
+    with study_lock(storage, plan.name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
+        if fixed_cells(plan) is not None:
+            enqueue_missing(study, plan)
+        else:
+            enqueue_retries(study, plan)
+        action = next_action(study, plan, deadline)
+        if action != RUN:
+            return action, None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # "heartbeat is meant for Study.optimize": we beat ourselves
+            trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)   # a trial without any heartbeat would never turn stale
+        return RUN, trial
+
+
+def _describe(plan: StudyPlan, trial: optuna.Trial, outcome: Any) -> str:
+    what = f"{trial.params.get('arm')} seed {trial.params.get('seed')}" if plan.kind == "ablation" else \
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    if outcome.values is not None:
+        res = ", ".join(f"{m.name} {v:.4g}" for m, v in zip(plan.objectives, outcome.values))
+    else:
+        res = outcome.reason or ""
+    return f"trial {trial.number} [{what}] {outcome.outcome.upper()}" + (f": {res}" if res else "")
+
+
+def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: int = 0) -> int:
+    """Pull and run trials until the study is done (or the deadline passes). Returns trials run."""
+    from runs.tracking import client_for
+
+    storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
+    study = optuna.load_study(study_name=plan.name, storage=storage,
+                              sampler=make_sampler(plan, worker, opts.workers), pruner=make_pruner(plan))
+    client = client_for(opts.tracking_uri, opts.output_dir)
+    ctx = TrialContext(plan, opts.tracking_uri, prepared.experiment, prepared.experiment_id, prepared.parent_run_id,
+                       Path(opts.output_dir), progress=opts.progress, worker=worker, client=client)
+    prefix = f"[worker {worker}] " if opts.workers > 1 else ""
+    ran = 0
+    while True:
+        action, trial = _claim(study, storage, plan, opts.deadline)
+        if action == STOP:
+            return ran
+        if action == WAIT:
+            time.sleep(max(1, opts.heartbeat))
+            continue
+        cell = " [{} seed {}]".format(*ablation_cell(trial, plan)) if plan.kind == "ablation" else ""
+        print(f"{prefix}trial {trial.number}{cell} started", flush=True)
+        try:
+            with Heartbeat(storage, trial._trial_id, opts.heartbeat):
+                outcome = run_trial(ctx, trial)
+                record(trial, outcome)
+        except BaseException as e:
+            if not trial.user_attrs.get(OUTCOME):
+                trial.set_user_attr(OUTCOME, "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
+                trial.set_user_attr("reslab.reason", str(e)[:2000])
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        try:
+            study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            print(f"{prefix}trial {trial.number}: already failed as stale; it is retried", file=sys.stderr)
+        print(prefix + _describe(plan, trial, outcome), flush=True)
+        ran += 1
+
+
+# ---- several workers ------------------------------------------------------------------------------------
+def _gpus() -> list[str]:
+    """CUDA devices visible to this process (ids as CUDA_VISIBLE_DEVICES would name them)."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        n = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n)]
+    return ids[:n]
+
+
+def worker_env(index: int, workers: int, gpus: list[str], cores: int) -> dict[str, str]:
+    """Environment of worker `index`: its own GPU (round robin), or its share of the CPU cores."""
+    threads = max(1, cores // workers)
+    env = {"OMP_NUM_THREADS": str(threads), "RESLAB_WORKER_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    return env
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def spawn_workers(opts: StudyOptions, status_dir: Path) -> list[tuple[subprocess.Popen, Path]]:
+    gpus, cores = _gpus(), _cores()
+    procs = []
+    for i in range(opts.workers):
+        status = status_dir / f"worker-{i}.json"
+        env = {**os.environ, **worker_env(i, opts.workers, gpus, cores)}
+        args = json.dumps({**asdict(opts), "worker": i, "status": str(status)})
+        proc = subprocess.Popen([sys.executable, "-m", "search.worker", args], env=env, cwd=os.getcwd())
+        device = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else f"{env['OMP_NUM_THREADS']} CPU threads"
+        print(f"worker {i}: pid {proc.pid} ({device})", flush=True)
+        procs.append((proc, status))
+    return procs
+
+
+def wait_workers(procs: list[tuple[subprocess.Popen, Path]]) -> list[str]:
+    """Wait for every worker; returns the one-line errors of those that stopped on one."""
+    errors = []
+    try:
+        for i, (proc, status) in enumerate(procs):
+            code = proc.wait()
+            if code < 0:
+                print(f"worker {i} (pid {proc.pid}) died by signal {-code}; its trial is retried", file=sys.stderr)
+            elif code != 0:
+                message = ""
+                if status.exists():
+                    message = json.loads(status.read_text()).get("error", "")
+                errors.append(message or f"worker {i} exited with code {code}")
+    except KeyboardInterrupt:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    return errors
+
+
+def run_study(opts: StudyOptions) -> dict:
+    """Load the file, create/resume the study, run its workers, then record and return the report."""
+    import tempfile
+
+    from .report import finalize
+
+    opts = opts.resolved()
+    if opts.workers < 1:
+        raise ReslabError("must be at least 1", file="--workers")
+    if opts.heartbeat < 1:
+        raise ReslabError("must be at least 1 (seconds)", file="--heartbeat")
+    plan = load_study_file(opts.file, opts.overrides, opts.study)
+    if opts.kind and plan.kind != opts.kind:
+        command = "ablate" if plan.kind == "ablation" else "search"
+        raise ReslabError(f"this is {'an' if plan.kind == 'ablation' else 'a'} {plan.kind} file; run it with "
+                          f"`python cli.py {command}`", file=str(plan.file))
+    if plan.kind == "search" and plan.timeout and opts.deadline is None:
+        opts.deadline = time.time() + plan.timeout
+    storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
+    prepared = prepare(plan, opts, storage)
+    client = prepared.client
+    print(f"study '{plan.name}' ({'new' if prepared.created else 'resumed'}) in {shown(opts.storage)}; "
+          f"MLflow experiment '{prepared.experiment}', parent run {prepared.parent_run_id}", flush=True)
+    interrupted = False
+    errors: list[str] = []
+    try:
+        if opts.workers == 1:
+            threads = os.environ.get("RESLAB_WORKER_THREADS")
+            if threads:
+                import torch
+                torch.set_num_threads(int(threads))
+            run_worker(plan, opts, prepared, 0)
+        else:
+            with tempfile.TemporaryDirectory(prefix="reslab-workers-") as tmp:
+                errors = wait_workers(spawn_workers(opts, Path(tmp)))
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException:        # a worker's error: close the parent run rather than leave it RUNNING
+        client.set_terminated(prepared.parent_run_id, status="FAILED")
+        raise
+    summary = finalize(opts.storage, plan.name, client, storage=storage, interrupted=interrupted)
+    if errors:
+        raise ReslabError(errors[0])
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary

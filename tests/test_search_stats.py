@@ -1,0 +1,193 @@
+"""Arm statistics against textbook formulas (numpy) and scipy.stats; compute-matched widths."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from arches import complexity
+from search.matching import match_arms, match_multiplier
+from search.space import load_study_file
+from search.stats import compare, compare_arms, describe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_describe_is_sample_mean_and_std():
+    n, mean, std = describe([0.1, 0.2, 0.4])
+    assert n == 3 and mean == pytest.approx(0.7 / 3)
+    assert std == pytest.approx(math.sqrt(((0.1 - mean) ** 2 + (0.2 - mean) ** 2 + (0.4 - mean) ** 2) / 2))
+    assert math.isnan(describe([0.3])[2])
+
+
+def test_paired_by_seed():
+    arm = {0: 0.080, 1: 0.091, 2: 0.085, 3: 0.079}
+    ref = {3: 0.083, 0: 0.088, 2: 0.090, 1: 0.094}          # order does not matter: seeds pair up
+    c = compare(arm, ref)
+    d = np.array([arm[s] - ref[s] for s in range(4)])
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / math.sqrt(4)
+    assert c.test == "paired t" and c.n == 4
+    assert c.diff == pytest.approx(d.mean())
+    assert (c.ci_low, c.ci_high) == pytest.approx((d.mean() - half, d.mean() + half))
+    t = d.mean() / (d.std(ddof=1) / 2)
+    assert c.p == pytest.approx(2 * stats.t.sf(abs(t), 3))
+
+
+def test_welch_when_seeds_do_not_match():
+    arm = {0: 0.30, 1: 0.35, 2: 0.31}
+    ref = {0: 0.40, 1: 0.42, 3: 0.47, 4: 0.45}
+    c = compare(arm, ref)
+    a, b = np.array(list(arm.values())), np.array(list(ref.values()))
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))     # Welch-Satterthwaite
+    diff = a.mean() - b.mean()
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert c.test == "Welch t"
+    assert c.diff == pytest.approx(diff)
+    assert (c.ci_low, c.ci_high) == pytest.approx((diff - half, diff + half))
+    assert c.p == pytest.approx(2 * stats.t.sf(abs(diff) / math.sqrt(va + vb), df))
+
+
+def test_undefined_cases_are_nan_not_errors():
+    same = compare({0: 0.1, 1: 0.2}, {0: 0.1, 1: 0.2})
+    assert same.diff == 0 and math.isnan(same.p)
+    single = compare({0: 0.1}, {0: 0.2})
+    assert single.diff == pytest.approx(-0.1) and math.isnan(single.p) and single.test == "Welch t"
+    assert compare({}, {0: 0.1}) is None
+
+
+def test_compare_arms_uses_each_arms_reference():
+    values = {"plain20": {0: 0.10, 1: 0.11}, "res20": {0: 0.08, 1: 0.085},
+              "plain56": {0: 0.14, 1: 0.15}, "res56": {0: 0.07, 1: 0.072}}
+    refs = {"plain20": "plain20", "res20": "plain20", "plain56": "plain56", "res56": "plain56"}
+    rows = {r.arm: r for r in compare_arms(values, refs)}
+    assert rows["plain20"].comparison is None and rows["plain56"].comparison is None
+    assert rows["res56"].comparison.diff == pytest.approx(np.mean([0.07 - 0.14, 0.072 - 0.15]))
+    assert rows["res20"].n == 2 and rows["res20"].mean == pytest.approx(0.0825)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=8))
+def test_paired_interval_holds_the_mean_difference(pairs):
+    arm = {i: a for i, (a, _) in enumerate(pairs)}
+    ref = {i: b for i, (_, b) in enumerate(pairs)}
+    c = compare(arm, ref)
+    assert c.ci_low <= c.diff + 1e-12 and c.diff <= c.ci_high + 1e-12
+    assert math.isnan(c.p) or 0.0 <= c.p <= 1.0
+
+
+# ---- compute matching --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("by", ["macs", "params"])
+def test_matched_arms_land_within_tolerance(by):
+    plan = load_study_file(ROOT / "specs" / "ablations" / "shortcuts_matched.yaml")
+    plan.match = plan.match.model_copy(update={"by": by})
+    chosen = match_arms(plan)
+    target = getattr(complexity(plan.arm_spec("A", 0)), by)
+    for arm in plan.arms:
+        spec = plan.arm_spec(arm.name, 0)
+        cost = getattr(complexity(spec), by)
+        assert abs(cost / target - 1) <= plan.match.tolerance, (arm.name, cost, target)
+        assert spec.width_multiplier == chosen[arm.name]
+    assert chosen["C"] < 1.0       # C's projections are paid for with narrower layers
+    unmatched = load_study_file(ROOT / "specs" / "ablations" / "shortcuts.yaml")
+    c_cost = getattr(complexity(unmatched.arm_spec("C", 0)), by)
+    assert abs(c_cost / target - 1) > plan.match.tolerance   # without matching, C costs more
+
+
+def test_match_multiplier_bisects_a_real_spec():
+    plan = load_study_file(ROOT / "specs" / "ablations" / "shortcuts.yaml")
+    base = plan.arm("A").settings
+
+    def make(m):
+        from search.space import Setting
+        return plan.build(base + [Setting("width_multiplier", m, "<test>", None)])
+
+    target = complexity(make(1.5)).macs
+    m, cost = match_multiplier(make, target, "macs", 0.01)
+    assert abs(cost / target - 1) <= 0.01 and 1.3 < m < 1.7
+    assert complexity(make(m)).macs == cost
+
+
+# ---- trial bookkeeping: budget, retries, no duplicate cells (no training) ----------------------------------
+def _trial(state, params, outcome=None, value=None, **attrs):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    user = dict(attrs)
+    if outcome:
+        user["reslab.outcome"] = outcome
+    return optuna.trial.create_trial(
+        state=state, params=params, user_attrs=user, value=value,
+        distributions={k: CategoricalDistribution([v]) for k, v in params.items()})
+
+
+def test_ablation_cells_are_enqueued_once_and_retried_until_given_up(tmp_path):
+    import optuna
+    from optuna.trial import TrialState as S
+    from search.study import RUN, STOP, WAIT, cell_status, enqueue_missing, next_action
+
+    path = tmp_path / "cells.yaml"
+    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
+                    "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2, max_attempts: 2}\n")
+    plan = load_study_file(path)
+    study = optuna.create_study()
+    study.add_trial(_trial(S.COMPLETE, {"arm": "A", "seed": 0}, "complete", 0.1))
+    study.add_trial(_trial(S.FAIL, {"arm": "A", "seed": 1}, "diverged"))            # a result: final
+    study.add_trial(_trial(S.FAIL, {"arm": "B", "seed": 0}))                        # worker died once
+    study.add_trial(_trial(S.FAIL, {"arm": "B", "seed": 1}))                        # died twice: given up
+    study.add_trial(_trial(S.FAIL, {"arm": "B", "seed": 1}, "error"))
+    assert enqueue_missing(study, plan) == 1
+    assert enqueue_missing(study, plan) == 0                                        # already waiting
+    waiting = study.get_trials(states=(S.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [{"arm": "B", "seed": 0}]
+    assert waiting[0].user_attrs == {"reslab.attempt": 2, "reslab.retry_of": 2}
+    assert next_action(study, plan, None) == RUN
+    trial = study.ask()
+    assert next_action(study, plan, None) == WAIT                                   # it may still die
+    study.tell(trial, 0.2)
+    cells = cell_status(plan, study.get_trials())
+    assert sum(c["done"] for c in cells.values()) == 3 and next_action(study, plan, None) == STOP
+
+
+def test_search_budget_counts_every_worker_and_retries_dead_trials(tmp_path):
+    import time
+
+    import optuna
+    from optuna.trial import TrialState as S
+    from search.study import RUN, STOP, enqueue_retries, next_action, search_used
+
+    path = tmp_path / "budget.yaml"
+    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
+                    "search: {space: {block.shortcut: [A, B]}, trials: 4, max_attempts: 2}\n")
+    plan = load_study_file(path)
+    study = optuna.create_study()
+    study.add_trial(_trial(S.COMPLETE, {"block.shortcut": "A"}, "complete", 0.1))
+    study.add_trial(_trial(S.PRUNED, {"block.shortcut": "B"}, "pruned"))
+    study.add_trial(_trial(S.FAIL, {"block.shortcut": "B"}))                                  # died
+    study.add_trial(_trial(S.FAIL, {"block.shortcut": "A"}, "error", **{"reslab.attempt": 2}))  # out of attempts
+    assert enqueue_retries(study, plan) == 1 and enqueue_retries(study, plan) == 0
+    assert search_used(plan, study.get_trials()) == 4          # complete, pruned, given up, waiting retry
+    assert next_action(study, plan, None) == RUN                # the waiting retry still runs
+    trial = study.ask()
+    assert trial.params == {} and trial.user_attrs["reslab.retry_of"] == 2
+    study.tell(trial, 0.3)
+    assert next_action(study, plan, None) == STOP               # budget of 4 used
+    plan.trials = 10
+    assert next_action(study, plan, None) == RUN
+    assert next_action(study, plan, time.time() - 1) == STOP    # past the timeout
+
+
+def test_latency_and_costs_of_a_tiny_spec(tmp_path):
+    from search.objective import costs
+
+    plan = load_study_file(ROOT / "specs" / "ablations" / "shortcuts.yaml",
+                           ["stages.*.depth=1", "stem.width=4", "stages.*.width=4"])
+    spec = plan.arm_spec("A", 0)
+    c = costs(spec, latency=True)
+    assert c["params"] == complexity(spec).params and c["macs"] == complexity(spec).macs
+    assert 0 < c["latency_ms"] < 10_000
