@@ -34,6 +34,11 @@ def error_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: Union[
         ax.set_title(title)
     if ax.lines:
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path | str) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

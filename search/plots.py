@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from runs.plots import save_figure  # noqa: E402
+
 
 def arm_curves(curves: Mapping[str, Sequence[Mapping[int, Mapping[str, float]]]], path: Path,
                title: str = "") -> Path:
@@ -36,7 +38,7 @@ def arm_curves(curves: Mapping[str, Sequence[Mapping[int, Mapping[str, float]]]]
     ax.set_title(title or "error: train (dashed) and validation (bold), mean over seeds")
     if ax.lines:
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(points: Sequence[Sequence[float]], front: Sequence[Sequence[float]], names: Sequence[str],
@@ -56,7 +58,7 @@ def pareto_front(points: Sequence[Sequence[float]], front: Sequence[Sequence[flo
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "Pareto front")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def importances(values: Mapping[str, float], path: Path, title: str = "") -> Path:
@@ -66,13 +68,4 @@ def importances(values: Mapping[str, float], path: Path, title: str = "") -> Pat
     ax.barh(names, [values[n] for n in names], color="tab:blue")
     ax.set_xlabel("importance")
     ax.set_title(title or "parameter importances")
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -43,3 +43,18 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def measure_test_accuracy(model, spec) -> tuple[int, int]:
+    """(correct, total) of `model` on the spec's whole test set, evaluated independently of reslab's metrics."""
+    from runs.data import ReslabData
+
+    data = ReslabData(spec)
+    data.setup("test")
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return correct, total

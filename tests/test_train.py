@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from arches import load_spec, spec_hash
+from conftest import measure_test_accuracy
 from arches.errors import ReslabError
 from runs.checkpoint import load_model
 from runs.fit import Interrupted, Pruned, train
@@ -77,15 +78,7 @@ def test_small_resnet_learns_fashion_mnist_and_is_recorded(fashion_mnist, store)
     assert ckpt["hyper_parameters"]["spec"]["name"] == "fmnist_resnet20"
     spec_back, model = load_model(result.run_id, tracking_uri=default_tracking_uri(store))
     assert spec_hash(spec_back) == spec_hash(spec)
-    from runs.data import ReslabData
-
-    data = ReslabData(spec)
-    data.setup("test")
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in data.test_dataloader():
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
+    correct, total = measure_test_accuracy(model, spec)
     assert total == 2000
     assert correct / total == pytest.approx(result.metrics["test/acc"], abs=1e-6)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, measure_test_accuracy, run_cli
 from runs.tracking import default_tracking_uri
 
 TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "data.val_size=256", "data.test_subset=512"]
@@ -120,15 +120,8 @@ def test_ddp_two_cpu_processes_make_one_run(fashion_mnist, outputs):
 
     # the logged test accuracy covers all 500 test images (both shards), not one process's half
     from runs.checkpoint import load_model
-    from runs.data import ReslabData
 
     spec, model = load_model(run.info.run_id, tracking_uri=default_tracking_uri(outputs))
-    data = ReslabData(spec)
-    data.setup("test")
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in data.test_dataloader():
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
+    correct, total = measure_test_accuracy(model, spec)
     assert total == 500
     assert run.data.metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
