@@ -64,10 +64,14 @@ def cmd_show(args) -> int:
 
 def cmd_validate(args) -> int:
     from arches import load_spec
+    from arches.spec import check_partial_base, is_partial_base
 
     for path in args.spec:
-        spec = load_spec(path, args.overrides)
-        print(f"ok  {path}  ({spec.name})")
+        if is_partial_base(path):
+            check_partial_base(path)
+            print(f"ok  {path}  (partial base)")
+        else:
+            print(f"ok  {path}  ({load_spec(path, args.overrides).name})")
     return 0
 
 
@@ -244,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

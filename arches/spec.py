@@ -273,6 +273,19 @@ def load_spec(path: Union[str, Path], overrides: Iterable[Override] = ()) -> Spe
     return spec_from_dict(data, source)
 
 
+def is_partial_base(path: Union[str, Path]) -> bool:
+    """Files named _*.yaml are partial bases: only inherited from, not networks of their own."""
+    return Path(path).name.startswith("_")
+
+
+def check_partial_base(path: Union[str, Path]) -> Spec:
+    """Validate a partial base's keys, types and cross-field rules, filling in a one-block stub network."""
+    data, source = build_document(path)
+    stem_width = (data.get("stem") or {}).get("width", 64) if isinstance(data.get("stem"), dict) else 64
+    stub = {"name": Path(path).stem, "stages": [{"depth": 1, "width": stem_width}]}
+    return spec_from_dict({**stub, **data}, source)
+
+
 def spec_hash(spec: Spec) -> str:
     """Canonical hash of the resolved spec (key order and YAML formatting do not matter)."""
     text = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -261,7 +261,10 @@ def test_show_json_and_validate_everything():
     assert data["name"] == "resnet18" and data["params"] == 11_689_512 and isinstance(data["macs"], int)
     table = run_cli("show", "specs/resnet20.yaml").stdout
     assert "layer3" in table and "269,722" in table
-    assert run_cli("validate", *map(str, SPECS)).returncode == 0
+    everything = sorted(map(str, (ROOT / "specs").glob("*.yaml")))          # partial bases (_*.yaml) too
+    result = run_cli("validate", *everything)
+    assert result.returncode == 0 and result.stdout.count("ok  ") == len(everything), result.stderr
+    assert "_cifar.yaml  (partial base)" in result.stdout
 
 
 def test_console_script_installed():
