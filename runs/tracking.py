@@ -60,6 +60,28 @@ def with_driver(url: str) -> str:
     return url
 
 
+def reachable(uri: str, timeout_s: float = 5.0) -> Optional[str]:
+    """None when a server-backed store answers within timeout_s, else why not (MLflow itself retries for
+    minutes before giving up). SQL databases are tried with SQLAlchemy, tracking servers over HTTP."""
+    scheme = uri.split("://", 1)[0].lower()
+    try:
+        if scheme.startswith(("postgresql", "postgres", "mysql", "mssql")):
+            import sqlalchemy
+
+            args = {"connect_timeout": int(timeout_s)} if scheme.startswith(("postgres", "mysql")) else {}
+            engine = sqlalchemy.create_engine(uri, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+            with engine.connect():
+                pass
+        elif scheme in ("http", "https"):
+            import urllib.request
+
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except Exception as e:  # noqa: BLE001  (any failure to connect is the answer)
+        text = str(e).strip().splitlines()
+        return text[0] if text else type(e).__name__
+    return None
+
+
 def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") -> MlflowClient:
     """An MlflowClient on the given store (default: the sqlite file in output_dir); one-line error if unusable."""
     uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
@@ -68,6 +90,9 @@ def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") 
     elif "://" not in uri:
         raise ReslabError(f"tracking URI '{uri}' has no scheme; use sqlite:///path/mlflow.db, "
                           f"postgresql://..., or http://host:port", file="--tracking-uri")
+    problem = reachable(uri)
+    if problem:
+        raise ReslabError(f"cannot reach MLflow store {uri}: {problem}", file="--tracking-uri")
     try:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)

@@ -69,6 +69,11 @@ def test_bad_store_and_unknown_resume_are_one_line_exit_2(outputs):
     assert done.returncode == 2 and "--tracking-uri" in one_line(done.stderr)
     done = run_cli("run", "--resume", "0123abcd", "--output-dir", str(outputs))
     assert done.returncode == 2 and "no checkpoint to resume run 0123abcd" in one_line(done.stderr)
+    # servers that do not answer: one line within seconds, not MLflow's minutes of retries
+    for uri in ("postgresql://nobody@127.0.0.1:9/db", "http://127.0.0.1:9"):
+        done = run_cli("run", "specs/fmnist_resnet20.yaml", "--tracking-uri", uri, "--output-dir", str(outputs),
+                       timeout=60)
+        assert done.returncode == 2 and "--tracking-uri: cannot reach MLflow store" in one_line(done.stderr)
 
 
 def test_nan_loss_fails_with_exit_1(fashion_mnist, outputs):
