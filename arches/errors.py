@@ -25,6 +25,12 @@ class SpecError(ReslabError):
     """A spec (or search/ablation file) that does not describe a valid network or study."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ('' when it has none), for one-line errors and reasons."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

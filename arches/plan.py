@@ -99,10 +99,9 @@ def plan_network(spec: Spec) -> NetworkPlan:
             stride = stage.stride if i == 0 else 1
             factor *= stride
             if stride > size:
-                need = factor
                 raise _fail(spec, ("stages", s, "stride"),
                             f"input {spec.input.size}x{spec.input.size} is too small for the strides: stage {s} "
-                            f"receives {size}x{size} and strides by {stride} (need input.size >= {need})")
+                            f"receives {size}x{size} and strides by {stride} (need input.size >= {factor})")
             width = scaled(stage.width, m)
             problem = cls.problem(channels, width, stride, cfg)
             if problem:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import SpecError, did_you_mean
+from .errors import SpecError, did_you_mean, first_line
 from .schema import DATASETS, Spec
 
 Override = Union[str, tuple[str, Any]]
@@ -41,7 +41,8 @@ class Source:
         return self.file, None
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
+    """path relative to the working directory when it lies below it (as error messages show files)."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -66,7 +67,7 @@ def _record_lines(node: yaml.Node, prefix: KeyPath, file: str, out: dict) -> Non
 def read_yaml(path: Union[str, Path], lines: dict | None = None) -> dict:
     """Read one YAML mapping with yaml.safe_load, noting key lines into `lines`."""
     path = Path(path).expanduser()
-    shown = _display(path)
+    shown = display_path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -78,7 +79,7 @@ def read_yaml(path: Union[str, Path], lines: dict | None = None) -> dict:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SpecError(f"YAML syntax error: {problem}", file=shown,
                         line=mark.line + 1 if mark else None) from None
     if data is None:
@@ -106,8 +107,8 @@ def read_with_bases(path: Union[str, Path], source: Source, _seen: tuple = ()) -
     path = Path(path).expanduser()
     resolved = path.resolve()
     if resolved in _seen:
-        raise SpecError("base: inheritance cycle: " + " -> ".join(_display(p) for p in _seen + (resolved,)),
-                        file=_display(path))
+        raise SpecError("base: inheritance cycle: " + " -> ".join(display_path(p) for p in _seen + (resolved,)),
+                        file=display_path(path))
     own_lines: dict = {}
     data = read_yaml(path, own_lines)
     base = data.pop("base", None)
@@ -115,14 +116,14 @@ def read_with_bases(path: Union[str, Path], source: Source, _seen: tuple = ()) -
         source.lines.update(own_lines)
         return data
     if not isinstance(base, str):
-        f, line = own_lines.get(("base",), (_display(path), None))
+        f, line = own_lines.get(("base",), (display_path(path), None))
         raise SpecError("expected a path to a spec file", file=f, line=line, path="base")
     base_path = (path.parent / base).expanduser()
     if not base_path.exists():
-        f, line = own_lines.get(("base",), (_display(path), None))
+        f, line = own_lines.get(("base",), (display_path(path), None))
         raise SpecError(f"base spec not found: {base_path}", file=f, line=line, path="base")
     base_data = read_with_bases(base_path, source, _seen + (resolved,))
-    source.chain.append(_display(base_path))
+    source.chain.append(display_path(base_path))
     if source.base_data is None or not _seen:
         source.base_data = copy.deepcopy(base_data)
     source.lines.update(own_lines)
@@ -224,7 +225,7 @@ def validation_error(e: ValidationError, model: type[BaseModel], source: Source)
 
 def build_document(path: Union[str, Path], overrides: Iterable[Override] = ()) -> tuple[dict, Source]:
     """The merged, overridden document of a spec file and where each key came from."""
-    source = Source(file=_display(Path(path)))
+    source = Source(file=display_path(Path(path)))
     data = read_with_bases(path, source)
     for item in overrides:
         key, value = parse_override(item)
@@ -281,7 +282,8 @@ def is_partial_base(path: Union[str, Path]) -> bool:
 def check_partial_base(path: Union[str, Path]) -> Spec:
     """Validate a partial base's keys, types and cross-field rules, filling in a one-block stub network."""
     data, source = build_document(path)
-    stem_width = (data.get("stem") or {}).get("width", 64) if isinstance(data.get("stem"), dict) else 64
+    stem = data.get("stem")
+    stem_width = stem.get("width", 64) if isinstance(stem, dict) else 64
     stub = {"name": Path(path).stem, "stages": [{"depth": 1, "width": stem_width}]}
     return spec_from_dict({**stub, **data}, source)
 

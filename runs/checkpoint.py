@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from arches import Network, Spec, build_model, spec_from_dict
-from arches.errors import ReslabError
+from arches.errors import ReslabError, first_line
 
 LAST = "last.ckpt"
 ARTIFACT = "checkpoints/last.ckpt"  # where a finished run keeps its final checkpoint among its artifacts
@@ -31,7 +31,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
     except FileNotFoundError:
         raise ReslabError("no such checkpoint", file=str(path)) from None
     except Exception as e:  # noqa: BLE001  (corrupt file, foreign pickle, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         raise ReslabError(f"cannot load checkpoint: {first}", file=str(path)) from None
 
 
@@ -105,5 +105,5 @@ def load_model(ref: Union[str, Path], tracking_uri: Optional[str] = None) -> tup
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ReslabError(f"checkpoint does not fit its spec: {str(e).splitlines()[0]}", file=str(path)) from None
+        raise ReslabError(f"checkpoint does not fit its spec: {first_line(e)}", file=str(path)) from None
     return spec, model.eval()

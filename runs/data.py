@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from arches.errors import ReslabError
+from arches.errors import ReslabError, first_line
 from arches.schema import DataSpec, Spec
 
 from .batches import SPLIT, SYNTHETIC, TEST_SUBSET, TensorBatches, epoch_generator
@@ -144,7 +144,7 @@ def find_data_root(data: DataSpec) -> Optional[Path]:
         try:
             return download(data.name)
         except (OSError, tarfile.TarError, ValueError) as exc:   # URLError is an OSError
-            why = f"download failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            why = f"download failed ({type(exc).__name__}: {first_line(exc)})"
     looked = ", ".join(dict.fromkeys(str(p) for p in places))
     if data.name == "fashion-mnist":
         hint = f"apt-get install {APT_PACKAGE}, or put the 4 IDX files (.gz or not) in one of those folders"
@@ -227,7 +227,7 @@ def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, IndexError,
             AttributeError) as exc:
         raise ReslabError(f"{path}: not a CIFAR python batch with {label_key.decode()} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                          f"{first_line(exc)})") from None
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from arches import Spec, complexity, diff_from_base, spec_hash, to_yaml
-from arches.errors import ReslabError
+from arches.errors import ReslabError, first_line
 
 from . import tracking
 from .checkpoint import LAST, checkpoint_dir, read_checkpoint, spec_of
@@ -337,7 +337,7 @@ def build_trainer(spec: Spec, output_dir: Union[str, Path], progress: Optional[b
                                  callbacks=[summary, progress_cb, *callbacks, guard, ckpt],
                                  default_root_dir=str(output_dir))
     except (MisconfigurationException, ValueError, RuntimeError) as e:   # e.g. accelerator gpu without a GPU
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         raise ReslabError(f"cannot train with accelerator={spec.train.accelerator}, devices={spec.train.devices}, "
                           f"precision={spec.train.precision}, strategy={spec.train.strategy}: {first}",
                           path="train") from None
@@ -447,7 +447,7 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
         finish("KILLED", {"state": "INTERRUPTED", "interrupted_by": name})
         raise Interrupted(run_id, name, guard.saved, rank) from None
     except BaseException as e:
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         finish("FAILED", {"failure_reason": reason, "state": "FAILED"}, reason=reason)
         raise
     finally:

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from arches import Spec, diff_from_base, spec_hash
-from arches.errors import ReslabError
+from arches.errors import ReslabError, first_line
 from arches.spec import flatten
 
 MAX_KEY = 250                  # MLflow limits: param/metric key length,
@@ -77,8 +77,7 @@ def reachable(uri: str, timeout_s: float = 5.0) -> Optional[str]:
 
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except Exception as e:  # noqa: BLE001  (any failure to connect is the answer)
-        text = str(e).strip().splitlines()
-        return text[0] if text else type(e).__name__
+        return first_line(e) or type(e).__name__
     return None
 
 
@@ -97,7 +96,7 @@ def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") 
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001  (any store failure is a bad --tracking-uri)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         raise ReslabError(f"cannot open MLflow store {uri}: {first}", file="--tracking-uri") from None
     return client
 

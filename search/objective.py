@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from arches import Spec, build_model, complexity
-from arches.errors import ReslabError, SpecError
+from arches.errors import ReslabError, SpecError, first_line
 
 from . import recording
 from .space import StudyPlan
@@ -198,7 +198,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     except ReslabError:
         raise
     except Exception as e:  # noqa: BLE001  (an error of one trial: recorded, retried, the study goes on)
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         run_id = _run_of(ctx, trial.number)
         if run_id:
             recording.mark_child(ctx.client, run_id, "FAILED", values, reason=reason)

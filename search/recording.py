@@ -1,7 +1,8 @@
 """MLflow records of a study: one experiment, one parent run for the study, one nested child run per trial.
 
 Children are created by runs.fit.train (parent_run_id=...); this module creates and finds the parent, tags
-children with their trial's state, marks children of dead workers, and reads metric histories for plots.
+children with their trial's state and marks children of dead workers (runs.tracking.read_history reads
+their metric histories).
 """
 from __future__ import annotations
 
@@ -99,14 +100,3 @@ def log_files(client: MlflowClient, run_id: str, files: Iterable[Path], folder: 
     for f in files:
         if Path(f).is_file():
             client.log_artifact(run_id, str(f), artifact_path=folder)
-
-
-def histories(client: MlflowClient, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
-    """key -> [(step, value)] sorted by step (last value per step wins)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for key in keys:
-        rows: dict[int, float] = {}
-        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
-            rows[m.step] = m.value
-        out[key] = sorted(rows.items())
-    return out

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from arches.errors import ReslabError, did_you_mean
+from runs.tracking import read_history
 
 from . import plots, recording
 from .objective import OUTCOME, REASON, RETRY_OF
@@ -366,12 +367,8 @@ def arm_histories(study: optuna.Study, client: Any) -> dict[str, list[dict[int, 
         run_id = t.user_attrs.get("reslab.run_id")
         if not run_id:
             continue
-        hist = recording.histories(client, run_id, ("train/error", "val/error"))
-        rows: dict[int, dict[str, float]] = {}
-        for key, points in hist.items():
-            for step, value in points:
-                rows.setdefault(step, {})[key] = value
-        out.setdefault(t.params["arm"], []).append(rows)
+        rows = read_history(client, run_id, ("train/error", "val/error"))
+        out.setdefault(t.params["arm"], []).append({row.pop("epoch"): row for row in rows})
     return out
 
 

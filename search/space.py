@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from arches import Spec, spec_from_dict, spec_hash
 from arches.errors import ReslabError, SpecError, did_you_mean
-from arches.spec import Override, Source, build_document, parse_override, read_yaml, set_path, validation_error
+from arches.spec import (Override, Source, build_document, display_path, parse_override, read_yaml, set_path,
+                         validation_error)
 
 # Final metrics of a training run (runs.fit) and cost figures reslab measures itself.
 RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "test/loss",
@@ -526,7 +527,7 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     path = Path(path)
     lines: dict = {}
     raw = read_yaml(path, lines)
-    file_source = Source(file=str(_display(path)), lines=lines)
+    file_source = Source(file=display_path(path), lines=lines)
     where = _Where(file_source.file, lines)
     try:
         doc = StudyFile.model_validate(raw)
@@ -617,13 +618,6 @@ def _check_space(plan: StudyPlan) -> None:
             [int(d.high) if d.kind == "int" else d.high]
         for v in values:
             plan.search_spec({**first, d.key: v})
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def study_name_of(ref: str) -> str:

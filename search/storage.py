@@ -21,7 +21,7 @@ from typing import Iterator
 
 import optuna
 
-from arches.errors import ReslabError
+from arches.errors import ReslabError, first_line
 from runs.tracking import with_driver
 
 SQLITE_TIMEOUT_S = 120
@@ -40,11 +40,6 @@ def shown(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001
         return url
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def open_storage(url: str, heartbeat: int = 10, grace: int | None = None) -> optuna.storages.RDBStorage:
@@ -69,10 +64,10 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None) -> opt
                                                  grace_period=int(grace or 3 * heartbeat), **kwargs)
     except ImportError as e:
         driver = "psycopg2-binary" if url.startswith("postgres") else "the database driver"
-        raise ReslabError(f"cannot open Optuna storage {shown(url)}: {_first_line(e)} (pip install {driver})",
+        raise ReslabError(f"cannot open Optuna storage {shown(url)}: {first_line(e) or type(e).__name__} (pip install {driver})",
                           file="--storage") from None
     except Exception as e:  # noqa: BLE001  (any failure to open is a bad --storage)
-        raise ReslabError(f"cannot open Optuna storage {shown(url)}: {_first_line(e)}", file="--storage") from None
+        raise ReslabError(f"cannot open Optuna storage {shown(url)}: {first_line(e) or type(e).__name__}", file="--storage") from None
     if sqlite:
         _begin_immediate(storage.engine)
     return storage
