@@ -94,7 +94,7 @@ def test_two_machines_share_a_study_through_postgres(tmp_path, postgres, fashion
 
     def machine(name: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ablate", str(path), "--workers", "1",
-                                 "--storage", storage, "--tracking-uri", tracking, "--heartbeat", "2",
+                                 "--storage", storage, "--tracking-uri", tracking, "--heartbeat", "5",
                                  "--output-dir", str(tmp_path / name)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
