@@ -48,7 +48,8 @@ def _clean(obj: Any) -> Any:
 def _state_counts(trials: list) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in trials:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        name = "discarded" if t.user_attrs.get(OUTCOME) == "discarded" else t.state.name.lower()
+        counts[name] = counts.get(name, 0) + 1
     return counts
 
 

@@ -66,7 +66,9 @@ class StudyOptions:
 
 # ---- study bookkeeping (all under the lock) -------------------------------------------------------------
 def _params(t: optuna.trial.FrozenTrial) -> dict:
-    return dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
+    """The values a trial stands for: its queued values when it was enqueued (a running trial's own params fill
+    in one suggest at a time, so half-way they name no cell), else what it sampled."""
+    return dict(t.system_attrs.get("fixed_params") or t.params)
 
 
 def _final(t: optuna.trial.FrozenTrial) -> bool:
@@ -138,9 +140,9 @@ def enqueue_retries(study: optuna.Study, plan: StudyPlan) -> int:
         attempt = int(t.user_attrs.get(ATTEMPT, 1))
         if t.user_attrs.get(OUTCOME) == "interrupted":
             attempt -= 1                      # a Ctrl-C is not the trial's fault
-        if attempt >= plan.max_attempts or not t.params:
+        if attempt >= plan.max_attempts or not _params(t):
             continue
-        study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number, ATTEMPT: attempt + 1})
+        study.enqueue_trial(_params(t), user_attrs={RETRY_OF: t.number, ATTEMPT: attempt + 1})
         n += 1
     return n
 
@@ -284,6 +286,14 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyPlan, deadline: Optiona
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # "heartbeat is meant for Study.optimize": we beat ourselves
             trial = study.ask()
+        if fixed_cells(plan) is not None and "fixed_params" not in storage.get_trial(trial._trial_id).system_attrs:
+            # ask() found no queued cell to pop and made a fresh, sampled trial: a study of fixed cells never
+            # runs one (it could repeat a cell). Close it as discarded and look again.
+            trial.set_user_attr(OUTCOME, "discarded")
+            study.tell(trial, state=TrialState.FAIL)
+            print(f"note: trial {trial.number} was sampled, not taken from the queue of cells; discarded",
+                  file=sys.stderr, flush=True)
+            return WAIT, None
         storage.record_heartbeat(trial._trial_id)   # a trial without any heartbeat would never turn stale
         return RUN, trial
 

@@ -154,6 +154,50 @@ def test_ablation_cells_are_enqueued_once_and_retried_until_given_up(tmp_path):
     assert sum(c["done"] for c in cells.values()) == 3 and next_action(study, plan, None) == STOP
 
 
+def test_a_cell_half_way_through_its_suggests_is_not_enqueued_again(tmp_path):
+    """A worker fills in its cell's values one suggest at a time, outside the lock: another worker looking at
+    that moment must still see the cell as taken (once it did not, and a cell ran twice)."""
+    import optuna
+    from search.study import cell_status, enqueue_missing
+
+    path = tmp_path / "cells.yaml"
+    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
+                    "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}\n")
+    plan = load_study_file(path)
+    study = optuna.create_study()
+    assert enqueue_missing(study, plan) == 4
+    trial = study.ask()
+    trial.suggest_categorical("arm", [a.name for a in plan.arms])      # the seed is not suggested yet
+    assert study.get_trials()[0].params == {"arm": "A"}
+    assert enqueue_missing(study, plan) == 0
+    assert cell_status(plan, study.get_trials())['{"arm": "A", "seed": 0}']["active"]
+
+
+def test_a_sampled_trial_in_a_study_of_cells_is_discarded(tmp_path, monkeypatch):
+    """If ask() finds no queued cell to pop (it lost a race), the fresh trial it samples is never run."""
+    import optuna
+    from optuna.trial import TrialState as S
+    from search.storage import open_storage
+    from search.study import RUN, WAIT, _claim, cell_status
+
+    path = tmp_path / "cells.yaml"
+    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
+                    "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 1}\n")
+    plan = load_study_file(path)
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=5)
+    study = optuna.create_study(study_name=plan.name, storage=storage)
+    popped = optuna.Study._pop_waiting_trial_id
+    calls = []
+    monkeypatch.setattr(optuna.Study, "_pop_waiting_trial_id", lambda self: calls.append(1) or None)
+    assert _claim(study, storage, plan, None) == (WAIT, None) and calls
+    [discarded] = study.get_trials()[2:]
+    assert discarded.state == S.FAIL and discarded.user_attrs["reslab.outcome"] == "discarded"
+    assert not any(discarded in c["trials"] for c in cell_status(plan, study.get_trials()).values())
+    monkeypatch.setattr(optuna.Study, "_pop_waiting_trial_id", popped)
+    action, trial = _claim(study, storage, plan, None)
+    assert action == RUN and trial.number == 0 and len(study.get_trials()) == 3   # the queued cell, nothing new
+
+
 def test_search_budget_counts_every_worker_and_retries_dead_trials(tmp_path):
     import time
 

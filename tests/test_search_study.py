@@ -97,13 +97,18 @@ def test_two_workers_kill_one_resume_and_report(tmp_path, fashion_mnist, capsys)
     storage = f"sqlite:///{out / 'optuna.db'}"
     trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     killed = trials[killed_trial]
-    assert killed.state == optuna.trial.TrialState.FAIL and "reslab.outcome" not in killed.user_attrs
+    why = text + "".join(f"trial {t.number} {t.state.name} {t.params} {t.user_attrs}\n" for t in trials)
+    assert killed.state == optuna.trial.TrialState.FAIL and "reslab.outcome" not in killed.user_attrs, why
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     cells = sorted((t.params["arm"], t.params["seed"]) for t in complete)
-    assert cells == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]          # each cell once: nothing repeated
-    retry = [t for t in complete if t.user_attrs.get("reslab.retry_of") == killed_trial]
-    assert len(retry) == 1 and retry[0].params == killed.params        # the killed trial was retried
-    assert len(trials) == 5
+    assert cells == [("A", 0), ("A", 1), ("B", 0), ("B", 1)], why     # each cell once: nothing repeated
+    chain = [killed]                                                  # the killed trial was retried (a retry
+    while chain[-1].state != optuna.trial.TrialState.COMPLETE:        # that itself raised is retried in turn)
+        retries = [t for t in trials if t.user_attrs.get("reslab.retry_of") == chain[-1].number]
+        assert len(retries) == 1 and retries[0].params == killed.params, why
+        chain.append(retries[0])
+    assert all(t.user_attrs.get("reslab.outcome") == "error" for t in chain[1:-1]), why
+    assert len(trials) == 4 + len(chain) - 1, why                     # nothing else ran
 
     # a rerun finds every cell done: it trains nothing and loses nothing
     capsys.readouterr()
