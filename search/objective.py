@@ -7,6 +7,7 @@ A trial whose worker died has no outcome at all: the heartbeat marks it FAIL and
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -188,12 +189,11 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         if run_id:
             recording.mark_child(ctx.client, run_id, "PRUNED", values)
         return Outcome(optuna.trial.TrialState.PRUNED, "pruned", reason=str(e), run_id=run_id)
-    except Interrupted as e:
-        trial.set_user_attr(OUTCOME, "interrupted")
-        trial.set_user_attr("reslab.run_id", e.run_id)
-        raise
-    except KeyboardInterrupt:
-        trial.set_user_attr(OUTCOME, "interrupted")
+    except (Interrupted, KeyboardInterrupt) as e:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):   # (already failed as stale)
+            trial.set_user_attr(OUTCOME, "interrupted")
+            if isinstance(e, Interrupted):
+                trial.set_user_attr("reslab.run_id", e.run_id)
         raise
     except ReslabError:
         raise

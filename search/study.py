@@ -8,6 +8,7 @@ restart loses nothing that finished.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -332,19 +333,40 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
         try:
             with Heartbeat(storage, trial._trial_id, opts.heartbeat):
                 outcome = run_trial(ctx, trial)
-                record(trial, outcome)
+        except optuna.exceptions.UpdateFinishedTrialError:      # failed as stale while setting up; retried
+            print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
+            continue
         except BaseException as e:
-            if not trial.user_attrs.get(OUTCOME):
-                trial.set_user_attr(OUTCOME, "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
-                trial.set_user_attr("reslab.reason", str(e)[:2000])
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):   # (already failed as stale)
+                if not trial.user_attrs.get(OUTCOME):
+                    trial.set_user_attr(OUTCOME, "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
+                    trial.set_user_attr("reslab.reason", str(e)[:2000])
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
-        try:
-            study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            print(f"{prefix}trial {trial.number}: already failed as stale; it is retried", file=sys.stderr)
-        print(prefix + _describe(plan, trial, outcome), flush=True)
+        if tell_outcome(study, trial, outcome, client):
+            print(prefix + _describe(plan, trial, outcome), flush=True)
+        else:
+            print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
         ran += 1
+
+
+def stale_note(trial: optuna.Trial, storage: Any) -> str:
+    return (f"trial {trial.number}: failed as stale (no heartbeat reached the storage for {storage.grace_period} s); "
+            f"it is retried")
+
+
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, outcome: Any, client: Any) -> bool:
+    """Record the outcome on the trial and tell Optuna. False when the trial had meanwhile been failed as stale
+    (its heartbeats stopped reaching the storage): Optuna retries it, so its MLflow run is ended FAILED too."""
+    try:
+        record(trial, outcome)
+        study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
+        return True
+    except optuna.exceptions.UpdateFinishedTrialError:
+        if outcome.run_id and client is not None:
+            recording.mark_child(client, outcome.run_id, "FAILED", status="FAILED",
+                                 reason="failed as stale in Optuna (no heartbeat) while it ran; retried")
+        return False
 
 
 # ---- several workers ------------------------------------------------------------------------------------

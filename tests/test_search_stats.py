@@ -198,6 +198,36 @@ def test_a_sampled_trial_in_a_study_of_cells_is_discarded(tmp_path, monkeypatch)
     assert action == RUN and trial.number == 0 and len(study.get_trials()) == 3   # the queued cell, nothing new
 
 
+def test_a_result_for_a_trial_failed_as_stale_is_not_lost_silently(tmp_path):
+    """A worker whose heartbeats stopped reaching the storage finds its trial failed as stale when it reports:
+    Optuna keeps the FAIL (the trial is retried), the MLflow run is ended FAILED to match, the worker goes on."""
+    import optuna
+    from optuna.trial import TrialState as S
+    from runs.tracking import client_for
+    from search.objective import Outcome
+    from search.storage import open_storage
+    from search.study import tell_outcome
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=5)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    experiment = client.create_experiment("stale", artifact_location=str(tmp_path / "artifacts"))
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+
+    kept = study.ask()
+    assert tell_outcome(study, kept, Outcome(S.COMPLETE, "complete", values=[0.1], run_id=runs[0]), client)
+    assert study.trials[0].state == S.COMPLETE and study.trials[0].user_attrs["reslab.outcome"] == "complete"
+
+    stale = study.ask()
+    storage.set_trial_state_values(stale._trial_id, S.FAIL)          # what fail_stale_trials does
+    assert not tell_outcome(study, stale, Outcome(S.COMPLETE, "complete", values=[0.2], run_id=runs[1]), client)
+    assert study.trials[1].state == S.FAIL and "reslab.outcome" not in study.trials[1].user_attrs  # so: retried
+    run = client.get_run(runs[1])
+    assert run.info.status == "FAILED" and run.data.tags["state"] == "FAILED" and "stale" in run.data.tags[
+        "failure_reason"]
+    assert client.get_run(runs[0]).info.status == "RUNNING"             # the kept trial's run is not touched
+
+
 def test_search_budget_counts_every_worker_and_retries_dead_trials(tmp_path):
     import time
 
