@@ -62,7 +62,8 @@ class ReslabModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.model)(images)
+        model = self.model if self._compiled is None else self._compiled   # (an OptimizedModule has no truth value)
+        return model(images)
 
     def configure_optimizers(self) -> Any:
         train = self.spec.train

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 
-from arches import load_spec, spec_hash
+from arches import build_model, load_spec, spec_hash
 from conftest import measure_test_accuracy
 from arches.errors import ReslabError
 from runs.checkpoint import load_model
@@ -184,6 +184,21 @@ def test_nested_child_run(fashion_mnist, store):
     run = client.get_run(result.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.run_name == "child"
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1]
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_run_on_cpu(fashion_mnist, store):
+    """train.compile and train.channels_last (the GPU settings) also run on CPU: the compiled forward trains and
+    tests, the checkpoint keeps the plain module's keys, and the eager model reloaded from it scores the same."""
+    spec = small_spec(fashion_mnist, "data.train_subset=500", "train.epochs=1", "data.test_subset=300",
+                      "data.val_size=100", "train.compile=true", "train.channels_last=true", "data.augment=none")
+    result = train(spec, output_dir=store, progress=False)
+    assert result.status == "FINISHED", result.reason
+    keys = set(torch.load(result.checkpoint, weights_only=True, map_location="cpu")["state_dict"])
+    assert keys == {f"model.{k}" for k in build_model(spec).state_dict()} | {k for k in keys if "metric" in k}
+    _, model = load_model(result.checkpoint)
+    correct, total = measure_test_accuracy(model, spec)
+    assert total == 300 and abs(correct / total - result.metrics["test/acc"]) <= 2 / total
 
 
 @pytest.mark.gpu
