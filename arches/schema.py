@@ -6,9 +6,9 @@ A spec is stem -> stages of blocks -> head, plus the data set and the training r
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr
 
 # He et al. 2016 (Identity Mappings), Fig. 4: where BN and ReLU sit around the addition.
 PLACEMENTS = ("original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact")
@@ -16,6 +16,13 @@ PLACEMENTS = ("original", "bn_after_add", "relu_before_add", "relu_preact", "ful
 SHORTCUTS = ("A", "B", "C", "D")
 # He et al. 2016 shortcut variants (Fig. 2 / Table 1).
 VARIANTS = ("identity", "scaling", "exclusive_gate", "shortcut_gate", "conv", "dropout")
+
+
+def _placement_letter(value: Any) -> Any:
+    """The paper's letters name the placements too: a..e -> original .. full_preact."""
+    if isinstance(value, str) and len(value) == 1 and value.lower() in "abcde":
+        return PLACEMENTS["abcde".index(value.lower())]
+    return value
 
 
 class Strict(BaseModel):
@@ -37,8 +44,9 @@ class BlockSpec(Strict):
     """Settings of one block. Every field has a default; blocks ignore the fields they have no use for."""
     type: str = "basic"                # a registered block: plain, basic, bottleneck, preact, ... (arches.blocks)
     shortcut: Literal["A", "B", "C", "D"] = "B"   # A zero-pad, B project on change, C project always, D pool+project
-    placement: Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact"]] = None
-    # ^ BN/ReLU placement (He 2016 Fig. 4 a-e); null = the block type's own default
+    placement: Annotated[Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_preact",
+                                          "full_preact"]], BeforeValidator(_placement_letter)] = None
+    # ^ BN/ReLU placement (He 2016 Fig. 4 a-e; the letters work too); null = the block type's own default
     variant: Literal["identity", "scaling", "exclusive_gate", "shortcut_gate", "conv", "dropout"] = "identity"
     # ^ He 2016 shortcut variants: what happens on the shortcut path of every block
     scale: float = Field(0.5, gt=0.0)  # variant scaling: shortcut multiplied by this lambda

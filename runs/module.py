@@ -69,7 +69,7 @@ class ReslabModule(pl.LightningModule):
         train = self.spec.train
         optimizer = build_optimizer(self.model, train)
         self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the train data, counts batches)
-        steps_per_epoch = max(1, int(self.trainer.num_training_batches))
+        steps_per_epoch = max(1, int(_batches_per_epoch(self.trainer)))
         scheduler = build_scheduler(optimizer, train, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -191,3 +191,16 @@ class EpochSummary(pl.Callback):
         self._images, self._train_time = 0, 0.0
         module.history.append(row)
         pl_module.log_dict({k: v for k, v in row.items() if k.startswith("train/")}, logger=False)
+
+
+def _batches_per_epoch(trainer: pl.Trainer) -> float:
+    """Optimizer steps in one epoch. Lightning has not sized an epoch yet when a run has max_steps and no epoch
+    count (it reports inf): then it is the data module's batches, cut by limit_batches as Lightning will."""
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        return batches
+    batches = getattr(trainer.datamodule, "steps_per_epoch", 0) or 1
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return min(batches, limit)
+    return max(1, int(batches * limit)) if limit is not None else batches

@@ -312,3 +312,10 @@ def test_random_valid_specs_compile_and_run(data):
     assert out.shape == (2, spec.classes)
     out.float().sum().backward()
     assert complexity(spec).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("letter, name", zip("abcde", PLACEMENTS))
+def test_placement_letters_name_the_papers_placements(letter, name):
+    by_letter = load_spec(ROOT / "specs" / "resnet20.yaml", [f"block.placement={letter.upper()}"])
+    by_name = load_spec(ROOT / "specs" / "resnet20.yaml", [f"block.placement={name}"])
+    assert by_letter.block.placement == name and spec_hash(by_letter) == spec_hash(by_name)

@@ -186,6 +186,17 @@ def test_nested_child_run(fashion_mnist, store):
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1]
 
 
+def test_a_run_given_only_max_steps(fashion_mnist, store):
+    """epochs: null, max_steps: 6 with 4 batches an epoch: two epochs, the second cut at step 6 (it crashed when
+    Lightning had not sized an epoch yet)."""
+    spec = small_spec(fashion_mnist, "data.train_subset=256", "train.batch_size=64", "train.epochs=null",
+                      "train.max_steps=6", "data.test_subset=128", "data.val_size=128")
+    result = train(spec, output_dir=store, progress=False)
+    assert result.status == "FINISHED", result.reason
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert "test/acc" in result.metrics
+
+
 @pytest.mark.slow
 def test_compiled_channels_last_run_on_cpu(fashion_mnist, store):
     """train.compile and train.channels_last (the GPU settings) also run on CPU: the compiled forward trains and
