@@ -2,7 +2,7 @@
 """reslab's command line: parsing and error printing only; every command calls one library function.
 
     python cli.py show specs/resnet34.yaml          # table of stages: blocks, output shape, params, MACs
-    python cli.py validate specs/*.yaml             # exit 0 when every spec is valid
+    python cli.py validate specs/*.yaml             # exit 0 when every spec (ablation, search) file is valid
     python cli.py run specs/x.yaml --set train.epochs=3
 
 Any bad input (spec, flag, data, storage) prints one line, `file:line: key.path: message`, and exits 2.
@@ -48,12 +48,39 @@ def add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="override spec values by dotted path, values parsed as YAML (stages.2.depth=8)")
 
 
+def study_kind(path: str):
+    """'ablation' or 'search' when the YAML file is one of those (None for specs and unreadable files)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except Exception:  # noqa: BLE001  (whoever reads the file properly says what is wrong with it)
+        return None
+    return next((k for k in ("ablation", "search") if isinstance(doc, dict) and k in doc), None)
+
+
+def load_network_spec(path: str, overrides=()):
+    """arches.load_spec, pointing to `ablate`/`search` when the file given is an ablation or search file."""
+    from arches import SpecError, load_spec
+
+    try:
+        return load_spec(path, overrides)
+    except SpecError:
+        kind = study_kind(path)
+        if kind is None:
+            raise
+        raise SpecError(f"this is {'an' if kind == 'ablation' else 'a'} {kind} file, not a network spec; run it "
+                        f"with `python cli.py {'ablate' if kind == 'ablation' else 'search'} {path}`",
+                        file=path) from None
+
+
 # ---- commands --------------------------------------------------------------------------------------------
 def cmd_show(args) -> int:
-    from arches import complexity, load_spec
+    from arches import complexity
     from arches.report import complexity_table
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_network_spec(args.spec, args.overrides)
     cost = complexity(spec)
     if args.json:
         print(json.dumps(cost.to_dict(), indent=2))
@@ -63,15 +90,21 @@ def cmd_show(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from arches import load_spec
     from arches.spec import check_partial_base, is_partial_base
 
     for path in args.spec:
         if is_partial_base(path):
             check_partial_base(path)
             print(f"ok  {path}  (partial base)")
+        elif study_kind(path):
+            from search.space import load_study_file
+
+            plan = load_study_file(path, args.overrides)
+            size = f"{len(plan.arms)} arms x {len(plan.seeds)} seeds" if plan.kind == "ablation" else \
+                f"{len(plan.dimensions)} dimensions, {plan.trials} trials"
+            print(f"ok  {path}  ({plan.kind} '{plan.name}': {size})")
         else:
-            print(f"ok  {path}  ({load_spec(path, args.overrides).name})")
+            print(f"ok  {path}  ({load_network_spec(path, args.overrides).name})")
     return 0
 
 
@@ -89,7 +122,6 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from arches import load_spec
     from arches.errors import ReslabError
 
     if args.spec is None and (not args.resume or args.overrides):
@@ -102,7 +134,7 @@ def cmd_run(args) -> int:
     for key, value in (("train.devices", args.devices), ("train.num_nodes", args.num_nodes)):
         if value is not None:
             overrides.append((key, value))
-    spec = load_spec(args.spec, overrides) if args.spec else None
+    spec = load_network_spec(args.spec, overrides) if args.spec else None
     uri = args.tracking_uri or default_tracking_uri(args.output_dir)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     try:
@@ -158,7 +190,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print the complexity as JSON")
     p.set_defaults(handler=cmd_show)
 
-    p = sub.add_parser("validate", help="check spec files; exit 0 when all are valid")
+    p = sub.add_parser("validate", help="check spec, ablation and search files; exit 0 when all are valid")
     add_spec_args(p, many=True)
     p.set_defaults(handler=cmd_validate)
 

@@ -529,6 +529,9 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     raw = read_yaml(path, lines)
     file_source = Source(file=display_path(path), lines=lines)
     where = _Where(file_source.file, lines)
+    if isinstance(raw, dict) and not {"ablation", "search"} & raw.keys() and {"stages", "block", "train"} & raw.keys():
+        raise SpecError(f"this is a network spec, not an ablation or search file; train it with `python cli.py run "
+                        f"{path}`", file=file_source.file)
     try:
         doc = StudyFile.model_validate(raw)
     except ValidationError as e:

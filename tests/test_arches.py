@@ -241,6 +241,10 @@ def test_bad_overrides_and_files(tmp_path):
          r"--set: stages\.0\.depth: Input should be greater than or equal to 0"),
         (["show", str(ROOT / "specs/resnet20.yaml"), "--jsn"], r"unrecognized arguments: --jsn \(did you mean '--json'\?\)"),
         (["shwo"], r"invalid choice: 'shwo'.*did you mean 'show'"),
+        (["run", str(ROOT / "specs/ablations/shortcuts.yaml")],
+         r"shortcuts\.yaml: this is an ablation file, not a network spec; run it with `python cli\.py ablate "),
+        (["show", str(ROOT / "specs/searches/depth_width_macs.yaml")], r"this is a search file.*`python cli\.py search "),
+        (["ablate", str(ROOT / "specs/resnet20.yaml")], r"this is a network spec.*`python cli\.py run "),
     ]
     (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nstages: [{depth: 1, width: 8}]\n")
@@ -261,10 +265,12 @@ def test_show_json_and_validate_everything():
     assert data["name"] == "resnet18" and data["params"] == 11_689_512 and isinstance(data["macs"], int)
     table = run_cli("show", "specs/resnet20.yaml").stdout
     assert "layer3" in table and "269,722" in table
-    everything = sorted(map(str, (ROOT / "specs").glob("*.yaml")))          # partial bases (_*.yaml) too
+    everything = sorted(map(str, (ROOT / "specs").glob("**/*.yaml")))   # partial bases, ablations, searches too
     result = run_cli("validate", *everything)
     assert result.returncode == 0 and result.stdout.count("ok  ") == len(everything), result.stderr
     assert "_cifar.yaml  (partial base)" in result.stdout
+    assert "shortcuts.yaml  (ablation 'shortcuts': 3 arms x 3 seeds)" in result.stdout
+    assert "depth_width_macs.yaml  (search 'depth_width_macs': 3 dimensions, 40 trials)" in result.stdout
 
 
 def test_console_script_installed():
