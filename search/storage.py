@@ -8,7 +8,8 @@ several processes never meet 'database is locked'.
 The lock (`study_lock`) guards what must not run twice at once: creating a study and its MLflow parent run,
 enqueueing ablation cells and retries, and claiming the next trial. It is an flock on a file beside the SQLite
 database, and a PostgreSQL/MySQL advisory lock for servers; both die with their process, so a killed worker
-never leaves it held.
+never leaves it held. On a server, opening the storage itself is also done under an advisory lock: Optuna
+creates its tables then, and machines starting together on a new database would collide.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None) -> opt
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _schema_lock(url):
             warnings.simplefilter("ignore")
             storage = optuna.storages.RDBStorage(url, heartbeat_interval=int(heartbeat),
                                                  grace_period=int(grace or 3 * heartbeat), **kwargs)
@@ -71,6 +72,44 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None) -> opt
     if sqlite:
         _begin_immediate(storage.engine)
     return storage
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, connect_timeout_s: int = 10) -> Iterator[None]:
+    """On a database server, hold an advisory lock while Optuna opens the storage: it creates its tables on first
+    use, and two machines doing that at once on a new database collide (a duplicate-key error in PostgreSQL's
+    catalog). SQLite needs none: the command creates its file before it starts workers."""
+    dialect = url.split("://", 1)[0].split("+", 1)[0].lower()
+    if dialect not in ("postgresql", "postgres", "mysql", "mariadb"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": connect_timeout_s},
+                                      poolclass=sqlalchemy.pool.NullPool)
+    take, give, args = _advisory_sql(engine.dialect.name, "schema")     # (study locks are "study/<name>")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(take), args)
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text(give), args)
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def _advisory_sql(dialect: str, name: str) -> tuple[str, str, dict]:
+    """(take, give, arguments) of a server-wide named lock that dies with its connection."""
+    if dialect == "postgresql":
+        return "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": _lock_key(name)}
+    if dialect in ("mysql", "mariadb"):
+        return "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", \
+            {"k": f"reslab-{hashlib.sha1(name.encode()).hexdigest()[:40]}"}
+    raise ReslabError(f"storage {dialect}: reslab can share studies through sqlite, postgresql or mysql",
+                      file="--storage")
 
 
 def _begin_immediate(engine) -> None:
@@ -89,8 +128,7 @@ def _begin_immediate(engine) -> None:
 
 
 def _lock_key(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"reslab-study/{name}".encode(), digest_size=8).digest(), "big",
-                          signed=True)
+    return int.from_bytes(hashlib.blake2b(f"reslab/{name}".encode(), digest_size=8).digest(), "big", signed=True)
 
 
 @contextlib.contextmanager
@@ -110,15 +148,7 @@ def study_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]
         return
     from sqlalchemy import text
 
-    if dialect == "postgresql":
-        take, give = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
-        args = {"k": _lock_key(name)}
-    elif dialect in ("mysql", "mariadb"):
-        take, give = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
-        args = {"k": f"reslab-{hashlib.sha1(name.encode()).hexdigest()[:40]}"}
-    else:
-        raise ReslabError(f"storage {dialect}: reslab can share studies through sqlite, postgresql or mysql",
-                          file="--storage")
+    take, give, args = _advisory_sql(dialect, f"study/{name}")
     with engine.connect() as conn:
         conn.execute(text(take), args)
         conn.commit()

@@ -120,3 +120,15 @@ def test_two_machines_share_a_study_through_postgres(tmp_path, postgres, fashion
     assert len(parents) == 1 and len(kids) == 6
     assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parents[0].info.run_id}
     assert all(k.data.tags["state"] == "COMPLETE" and "test/error" in k.data.metrics for k in kids)
+
+
+def test_machines_opening_a_new_database_at_once(postgres):
+    """Optuna creates its tables on first use; several machines doing that at once on a new database collided
+    (a duplicate key in PostgreSQL's catalog) until reslab took a server lock around it."""
+    subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", postgres.rsplit(":", 1)[1], "-U", "postgres",
+                    "fresh"], check=True, capture_output=True)
+    code = f"from search.storage import open_storage; open_storage({postgres + '/fresh'!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
