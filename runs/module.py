@@ -200,7 +200,5 @@ def _batches_per_epoch(trainer: pl.Trainer) -> float:
     if math.isfinite(batches):
         return batches
     batches = getattr(trainer.datamodule, "steps_per_epoch", 0) or 1
-    limit = trainer.limit_train_batches
-    if isinstance(limit, int):
-        return min(batches, limit)
-    return max(1, int(batches * limit)) if limit is not None else batches
+    limit = trainer.limit_train_batches              # a count (int) or a fraction (float), as Lightning takes it
+    return min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))

@@ -87,29 +87,35 @@ def _schema_lock(url: str, connect_timeout_s: int = 10) -> Iterator[None]:
 
     engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": connect_timeout_s},
                                       poolclass=sqlalchemy.pool.NullPool)
-    take, give, args = _advisory_sql(engine.dialect.name, "schema")     # (study locks are "study/<name>")
     try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text(take), args)
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text(give), args)
-                conn.commit()
+        with _server_lock(engine, "schema"):                         # (study locks are "study/<name>")
+            yield
     finally:
         engine.dispose()
 
 
-def _advisory_sql(dialect: str, name: str) -> tuple[str, str, dict]:
-    """(take, give, arguments) of a server-wide named lock that dies with its connection."""
+@contextlib.contextmanager
+def _server_lock(engine, name: str) -> Iterator[None]:
+    """Hold a server-wide named lock (PostgreSQL advisory lock, MySQL GET_LOCK); it dies with its connection."""
+    from sqlalchemy import text
+
+    dialect = engine.dialect.name
     if dialect == "postgresql":
-        return "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": _lock_key(name)}
-    if dialect in ("mysql", "mariadb"):
-        return "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", \
-            {"k": f"reslab-{hashlib.sha1(name.encode()).hexdigest()[:40]}"}
-    raise ReslabError(f"storage {dialect}: reslab can share studies through sqlite, postgresql or mysql",
-                      file="--storage")
+        take, give, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": _lock_key(name)}
+    elif dialect in ("mysql", "mariadb"):
+        take, give = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
+        args = {"k": f"reslab-{hashlib.sha1(name.encode()).hexdigest()[:40]}"}
+    else:
+        raise ReslabError(f"storage {dialect}: reslab can share studies through sqlite, postgresql or mysql",
+                          file="--storage")
+    with engine.connect() as conn:
+        conn.execute(text(take), args)
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text(give), args)
+            conn.commit()
 
 
 def _begin_immediate(engine) -> None:
@@ -146,14 +152,5 @@ def study_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
-    from sqlalchemy import text
-
-    take, give, args = _advisory_sql(dialect, f"study/{name}")
-    with engine.connect() as conn:
-        conn.execute(text(take), args)
-        conn.commit()
-        try:
-            yield
-        finally:
-            conn.execute(text(give), args)
-            conn.commit()
+    with _server_lock(engine, f"study/{name}"):
+        yield

@@ -126,15 +126,20 @@ def _trial(state, params, outcome=None, value=None, **attrs):
         distributions={k: CategoricalDistribution([v]) for k, v in params.items()})
 
 
+def study_plan(tmp_path: Path, name: str, body: str):
+    """The plan of a study file `name`.yaml on resnet20 whose ablation/search section is `body` (one line)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n{body}\n")
+    return load_study_file(path)
+
+
 def test_ablation_cells_are_enqueued_once_and_retried_until_given_up(tmp_path):
     import optuna
     from optuna.trial import TrialState as S
     from search.study import RUN, STOP, WAIT, cell_status, enqueue_missing, next_action
 
-    path = tmp_path / "cells.yaml"
-    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
-                    "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2, max_attempts: 2}\n")
-    plan = load_study_file(path)
+    plan = study_plan(tmp_path, "cells",
+                      "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2, max_attempts: 2}")
     study = optuna.create_study()
     study.add_trial(_trial(S.COMPLETE, {"arm": "A", "seed": 0}, "complete", 0.1))
     study.add_trial(_trial(S.FAIL, {"arm": "A", "seed": 1}, "diverged"))            # a result: final
@@ -160,10 +165,8 @@ def test_a_cell_half_way_through_its_suggests_is_not_enqueued_again(tmp_path):
     import optuna
     from search.study import cell_status, enqueue_missing
 
-    path = tmp_path / "cells.yaml"
-    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
-                    "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}\n")
-    plan = load_study_file(path)
+    plan = study_plan(tmp_path, "cells",
+                      "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}")
     study = optuna.create_study()
     assert enqueue_missing(study, plan) == 4
     trial = study.ask()
@@ -180,10 +183,8 @@ def test_a_sampled_trial_in_a_study_of_cells_is_discarded(tmp_path, monkeypatch)
     from search.storage import open_storage
     from search.study import RUN, WAIT, _claim, cell_status
 
-    path = tmp_path / "cells.yaml"
-    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
-                    "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 1}\n")
-    plan = load_study_file(path)
+    plan = study_plan(tmp_path, "cells",
+                      "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 1}")
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=5)
     study = optuna.create_study(study_name=plan.name, storage=storage)
     popped = optuna.Study._pop_waiting_trial_id
@@ -235,10 +236,8 @@ def test_search_budget_counts_every_worker_and_retries_dead_trials(tmp_path):
     from optuna.trial import TrialState as S
     from search.study import RUN, STOP, enqueue_retries, next_action, search_used
 
-    path = tmp_path / "budget.yaml"
-    path.write_text(f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
-                    "search: {space: {block.shortcut: [A, B]}, trials: 4, max_attempts: 2}\n")
-    plan = load_study_file(path)
+    plan = study_plan(tmp_path, "budget",
+                      "search: {space: {block.shortcut: [A, B]}, trials: 4, max_attempts: 2}")
     study = optuna.create_study()
     study.add_trial(_trial(S.COMPLETE, {"block.shortcut": "A"}, "complete", 0.1))
     study.add_trial(_trial(S.PRUNED, {"block.shortcut": "B"}, "pruned"))
