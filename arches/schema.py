@@ -84,6 +84,8 @@ class DataSpec(Strict):
     download: bool = True              # try to download when files are missing and a network is there
     on_device: Literal["auto", "always", "never"] = "auto"  # hold small sets whole on the GPU
     num_workers: int = Field(0, ge=0)  # DataLoader workers for the host-side path
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # imagefolder JPEGs: Pillow in the workers, or nvJPEG on the
+    # ^ GPU (torchvision.io, batched); auto = gpu when training on CUDA and torchvision is importable
     synthetic_size: PositiveInt = 512  # synthetic: number of training images (test set: a quarter)
 
 
@@ -121,7 +123,8 @@ class TrainSpec(Strict):
     num_nodes: PositiveInt = 1
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     channels_last: Optional[bool] = None  # null = on for GPU runs
-    compile: bool = False              # torch.compile the model
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
+    # ^ torch.compile the model: true (= "default") or a torch.compile mode ("reduce-overhead": CUDA graphs)
     val_every: PositiveInt = 1         # validate every this many epochs
     limit_batches: Optional[PositiveInt] = None  # cap train batches per epoch (smoke tests)
 

@@ -25,7 +25,8 @@ from arches.errors import ReslabError, first_line
 from arches.schema import DataSpec, Spec
 
 from .batches import SPLIT, SYNTHETIC, TEST_SUBSET, TensorBatches, epoch_generator
-from .imagefolder import FolderImages, ShardSampler, channel_stats, scan
+from .imagefolder import (EncodedBatch, FolderImages, GpuDecoder, ShardSampler, channel_stats, collate_encoded, scan,
+                          torchvision_io)
 
 APT_PACKAGE = "dataset-fashion-mnist"
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -331,7 +332,8 @@ class ReslabData(pl.LightningDataModule):
 
     After setup(): num_train, num_val, num_test (whole split, all ranks), steps_per_epoch (per process, after
     train.limit_batches), mean, std (per channel, 0..1 units, from the training split), num_classes,
-    input_shape, augment, device (where in-memory sets live).
+    input_shape, augment, device (where in-memory sets live), decoder (imagefolder on the GPU: a GpuDecoder that
+    transfer_batch_to_device applies, else None).
     """
 
     def __init__(self, spec: Spec):
@@ -348,6 +350,7 @@ class ReslabData(pl.LightningDataModule):
         self.device = torch.device("cpu")
         self._sets: dict[str, object] = {}
         self._ready_for: Optional[tuple] = None
+        self.decoder: Optional[GpuDecoder] = None
 
     # -- where we run
     def _rank_world(self) -> tuple[int, int]:
@@ -361,6 +364,22 @@ class ReslabData(pl.LightningDataModule):
         if mode == "never" or (mode == "auto" and (trainer is None or target.type != "cuda")):
             return torch.device("cpu")
         return target
+
+    def _decode_on_gpu(self) -> bool:
+        """Whether imagefolder JPEGs are decoded on the GPU (data.decode; auto = on CUDA runs with torchvision)."""
+        mode, trainer = self.spec.data.decode, self.trainer
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        if mode == "cpu" or (mode == "auto" and not cuda):
+            return False
+        if mode == "gpu" and not cuda:
+            raise ReslabError("data.decode: gpu needs a run on a CUDA device; set data.decode: cpu or auto",
+                              path="data.decode")
+        if torchvision_io() is None:
+            if mode == "auto":
+                return False
+            raise ReslabError("data.decode: gpu needs torchvision (torchvision.io.decode_jpeg), which does not "
+                              "import here; install it or set data.decode: cpu", path="data.decode")
+        return True
 
     # -- Lightning hooks
     def prepare_data(self) -> None:
@@ -406,8 +425,10 @@ class ReslabData(pl.LightningDataModule):
         train_split = pick(train, torch.tensor(sorted(set(range(len(train))) - set(split.val.tolist()))))
         probe = FolderImages(train_split, size=size, channels=channels, augment="none")
         self.mean, self.std = channel_stats(probe, 256, self.spec.train.seed)
+        encoded = self._decode_on_gpu()
+        self.decoder = GpuDecoder(size, channels, self.mean, self.std) if encoded else None
         make = lambda samples, aug: FolderImages(samples, size=size, channels=channels, augment=aug,  # noqa: E731
-                                                 mean=self.mean, std=self.std)
+                                                 mean=self.mean, std=self.std, encoded=encoded)
         self._sets = {"train": make(pick(train, split.train), self.augment),
                       "val": make(pick(train, split.val), "none"), "test": make(pick(test, split.test), "none")}
         self.num_train, self.num_val, self.num_test = len(split.train), len(split.val), len(split.test)
@@ -430,10 +451,17 @@ class ReslabData(pl.LightningDataModule):
         dataset = self._sets[which]
         sampler = ShardSampler(len(dataset), seed=spec.train.seed, train=train, rank=rank, world_size=world,
                                max_items=limit * batch if limit else None)
-        workers = spec.data.num_workers
+        workers, encoded = spec.data.num_workers, self.decoder is not None
         return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                           drop_last=train and len(sampler) >= batch, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available() and not encoded,
+                          collate_fn=collate_encoded if encoded else None)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Encoded imagefolder batches are decoded on the device here; everything else is moved as usual."""
+        if isinstance(batch, EncodedBatch):
+            return self.decoder(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self):
         """Shuffled, augmented training batches of spec.train.batch_size (this rank's shard)."""

@@ -1,13 +1,22 @@
-"""ImageNet-style folders (root/train/<class>/*.jpg, root/val/<class>/...): Pillow decoding, seeded transforms."""
+"""ImageNet-style folders (root/train/<class>/*.jpg, root/val/<class>/...): seeded crops, decoded on the CPU
+(Pillow, in DataLoader workers) or on the GPU (nvJPEG through torchvision.io, batched).
+
+Every transform is a crop box in source pixels plus a mirror flag, drawn from the item's seed and the image's
+size (read from the file header, no decoding); the box is then resized to size x size. Both decode paths draw
+the same boxes, so they crop the same regions; their pixels differ only by decoder and resampler rounding.
+"""
 from __future__ import annotations
 
+import io
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -17,6 +26,8 @@ from .batches import AUGMENT, ORDER, epoch_generator, shard
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 EVAL_CROP = 0.875   # eval: resize the shorter side to size / 0.875, then take the centre size x size
+JPEG_MAGIC = b"\xff\xd8"
+Box = tuple[float, float, float, float]   # left, top, right, bottom in source pixels
 
 
 def scan(folder: Path, classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -33,43 +44,59 @@ def scan(folder: Path, classes: Optional[Sequence[str]] = None) -> tuple[list[tu
     return samples, names
 
 
-def open_image(path: str, channels: int) -> Image.Image:
-    """Decode one image file as RGB (3 channels) or greyscale (1); one-line error when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB" if channels == 3 else "L")
-    except (OSError, ValueError) as exc:
-        raise ReslabError(f"{path}: cannot decode image ({exc})") from None
-
-
-def resized_crop(img: Image.Image, size: int, rng: random.Random, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """Random crop of random area fraction and aspect, resized to size x size (Inception-style)."""
-    w, h = img.size
+# ---- crop boxes (no pixels) -----------------------------------------------------------------------------
+def resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Box:
+    """Random box of random area fraction and aspect (Inception-style); the centre square after 10 misses."""
     for _ in range(10):
         area = w * h * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
-    return centre_crop(img, size, 1.0)
+            return (x, y, x + cw, y + ch)
+    return centre_box(w, h, 1.0)
 
 
-def centre_crop(img: Image.Image, size: int, fraction: float = EVAL_CROP) -> Image.Image:
-    """The centre square covering `fraction` of the shorter side, resized to size x size."""
-    w, h = img.size
+def centre_box(w: int, h: int, fraction: float = EVAL_CROP) -> Box:
+    """The centre square covering `fraction` of the shorter side."""
     side = min(w, h) * fraction
     x, y = (w - side) / 2, (h - side) / 2
-    return img.resize((size, size), Image.BILINEAR, box=(x, y, x + side, y + side))
+    return (x, y, x + side, y + side)
 
 
-def random_square(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    """Shorter side resized to size, then a random size x size window along the longer side."""
-    w, h = img.size
+def random_square_box(w: int, h: int, rng: random.Random) -> Box:
+    """A square of the shorter side at a random place along the longer side."""
     side = min(w, h)
     x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-    return img.resize((size, size), Image.BILINEAR, box=(x, y, x + side, y + side))
+    return (x, y, x + side, y + side)
+
+
+def plan_crop(w: int, h: int, augment: str, aug_seed: Optional[int]) -> tuple[Box, bool]:
+    """(box, mirror) for one item: the eval centre crop when aug_seed is None or augment is none."""
+    if aug_seed is None or augment == "none":
+        return centre_box(w, h), False
+    rng = random.Random(aug_seed)
+    box = (resized_crop_box if augment == "rrc_flip" else random_square_box)(w, h, rng)
+    return box, rng.random() < 0.5
+
+
+# ---- the CPU path: Pillow -------------------------------------------------------------------------------
+def open_image(source, channels: int, name: str = "") -> Image.Image:
+    """Decode one image (a path or bytes) as RGB (3 channels) or greyscale (1); one-line error when it can't."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return img.convert("RGB" if channels == 3 else "L")
+    except (OSError, ValueError) as exc:
+        raise ReslabError(f"{name or source}: cannot decode image ({exc})") from None
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the file header alone."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (OSError, ValueError) as exc:
+        raise ReslabError(f"{name}: cannot decode image ({exc})") from None
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -79,12 +106,108 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def pillow_crop(img: Image.Image, size: int, box: Box, mirror: bool) -> torch.Tensor:
+    """The box resized to size x size (Pillow bilinear, antialiased), mirrored when asked; uint8 CHW."""
+    img = img.resize((size, size), Image.BILINEAR, box=box)
+    return to_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if mirror else img)
+
+
+# ---- the GPU path: whole files to the device, decoded there --------------------------------------------
+@dataclass
+class EncodedBatch:
+    """A batch before decoding: JPEG files as bytes (1-d uint8) or, for other formats, pixels already cropped
+    by Pillow in the worker (3-d uint8), with each item's crop box and mirror flag, and the labels."""
+    data: list[torch.Tensor]
+    boxes: torch.Tensor    # (n, 4) float64: left, top, right, bottom
+    mirror: torch.Tensor   # (n,) bool
+    labels: torch.Tensor   # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def collate_encoded(items: list[tuple]) -> EncodedBatch:
+    """DataLoader collate_fn of FolderImages(encoded=True)."""
+    data, boxes, mirror, labels = zip(*items)
+    return EncodedBatch(list(data), torch.tensor(boxes, dtype=torch.float64), torch.tensor(mirror),
+                        torch.tensor(labels, dtype=torch.int64))
+
+
+def crop_resize(image: torch.Tensor, box: Sequence[float], size: int, mirror: bool) -> torch.Tensor:
+    """One decoded uint8 CHW image: the box (rounded to whole pixels) resized to size x size with antialiased
+    bilinear interpolation (as Pillow's resize), mirrored when asked; float CHW in 0..255 on image's device."""
+    _, h, w = image.shape
+    left, top = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
+    right, bottom = max(min(int(round(box[2])), w), left + 1), max(min(int(round(box[3])), h), top + 1)
+    crop = image[None, :, top:bottom, left:right].float()
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return out.flip(-1) if mirror else out
+
+
+def torchvision_io():
+    """torchvision.io when torchvision imports and can decode JPEGs, else None (CPU machines have none)."""
+    try:
+        from torchvision import io as tvio
+        from torchvision.io import ImageReadMode  # noqa: F401
+    except Exception:  # noqa: BLE001  (a torchvision built for another torch raises RuntimeError on import)
+        return None
+    return tvio
+
+
+class GpuDecoder:
+    """Turns an EncodedBatch into normalised float NCHW images on a device: nvJPEG decodes the whole batch in one
+    call (torchvision.io.decode_jpeg), then each image is cropped, resized, mirrored; a file nvJPEG refuses is
+    decoded on the CPU instead."""
+
+    def __init__(self, size: int, channels: int, mean: Sequence[float], std: Sequence[float], tvio=None):
+        self.size, self.channels, self.tvio = size, channels, tvio or torchvision_io()
+        if self.tvio is None:
+            raise ReslabError("data.decode: gpu needs torchvision (torchvision.io.decode_jpeg); install it or "
+                              "set data.decode: cpu", path="data.decode")
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1) * 255)
+
+    def _mode(self):
+        modes = self.tvio.ImageReadMode
+        return modes.RGB if self.channels == 3 else modes.GRAY
+
+    def decode(self, files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """uint8 CHW images on `device` from JPEG bytes (batched; one by one, on the CPU, where that fails)."""
+        if not files:
+            return []
+        try:
+            return list(self.tvio.decode_jpeg(files, mode=self._mode(), device=device))
+        except RuntimeError:
+            out = []
+            for f in files:
+                try:
+                    out.append(self.tvio.decode_jpeg(f, mode=self._mode(), device=device))
+                except RuntimeError:
+                    out.append(self.tvio.decode_image(f, mode=self._mode()).to(device))
+            return out
+
+    def __call__(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        jpeg = [i for i, d in enumerate(batch.data) if d.dim() == 1]
+        decoded = dict(zip(jpeg, self.decode([batch.data[i] for i in jpeg], device)))
+        boxes, mirror = batch.boxes.tolist(), batch.mirror.tolist()
+        images = [crop_resize(decoded[i], boxes[i], self.size, mirror[i]) if i in decoded
+                  else batch.data[i].to(device, non_blocking=True).float() for i in range(len(batch))]
+        x = torch.stack(images)
+        x = (x - self.mean.to(device)) * self.inv_std.to(device)
+        return x, batch.labels.to(device, non_blocking=True)
+
+
 class FolderImages(Dataset):
-    """Images of a class-per-subfolder tree; items are keyed (index, augmentation seed) by ShardSampler."""
+    """Images of a class-per-subfolder tree; items are keyed (index, augmentation seed) by ShardSampler.
+
+    encoded=False: items are normalised float CHW tensors decoded and cropped by Pillow. encoded=True: items are
+    (file bytes, box, mirror, label) for GpuDecoder (non-JPEG files come back as Pillow-cropped pixels).
+    """
 
     def __init__(self, samples: list[tuple[str, int]], *, size: int, channels: int, augment: str,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), encoded: bool = False):
         self.samples, self.size, self.channels, self.augment = samples, size, channels, augment
+        self.encoded = encoded
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1) * 255)
 
@@ -95,17 +218,26 @@ class FolderImages(Dataset):
         """uint8 CHW image `index`, augmented with a generator seeded by aug_seed (None: eval transform)."""
         path, _ = self.samples[index]
         img = open_image(path, self.channels)
-        if aug_seed is None or self.augment == "none":
-            img = centre_crop(img, self.size)
-        else:
-            rng = random.Random(aug_seed)
-            img = (resized_crop if self.augment == "rrc_flip" else random_square)(img, self.size, rng)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        box, mirror = plan_crop(*img.size, self.augment, aug_seed)
+        return pillow_crop(img, self.size, box, mirror)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+    def encoded_item(self, index: int, aug_seed: Optional[int]) -> tuple[torch.Tensor, Box, bool, int]:
+        """(JPEG bytes as 1-d uint8, box, mirror, label); for other formats the cropped pixels instead."""
+        path, label = self.samples[index]
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise ReslabError(f"{path}: cannot read image ({exc})") from None
+        box, mirror = plan_crop(*image_size(raw, path), self.augment, aug_seed)
+        if raw[:2] == JPEG_MAGIC:
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), box, mirror, label
+        pixels = pillow_crop(open_image(raw, self.channels, path), self.size, box, mirror)
+        return pixels, (0.0, 0.0, float(self.size), float(self.size)), False, label
+
+    def __getitem__(self, key):
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        if self.encoded:
+            return self.encoded_item(index, aug_seed)
         return (self.pixels(index, aug_seed).float() - self.mean) * self.inv_std, self.samples[index][1]
 
 

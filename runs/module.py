@@ -26,6 +26,13 @@ SPLITS = ("train", "val", "test")
 NONFINITE_CHECK_EVERY_CUDA = 20
 
 
+def compile_mode(setting: Any) -> Optional[str]:
+    """train.compile as a torch.compile mode: None = eager, true = "default"."""
+    if setting is False or setting is None:
+        return None
+    return "default" if setting is True else str(setting)
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -41,11 +48,13 @@ class ReslabModule(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
         classes = self.spec.classes
         # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'
-        self.metric_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in SPLITS})
+        # nan_strategy="disable": MeanMetric's NaN check reads the tensor on the host, a GPU sync every step
+        # (a NaN loss is caught by _watch_loss instead)
+        self.metric_loss = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in SPLITS})
         self.metric_acc = nn.ModuleDict(
             {f"{s}_": MulticlassAccuracy(classes, average="micro", validate_args=False) for s in SPLITS})
         self.channels_last = False        # set by fit.py for GPU runs
-        self.compile_model = bool(self.spec.train.compile)
+        self.compile_mode = compile_mode(self.spec.train.compile)   # None: eager
         self.results: dict[str, dict[str, float]] = {}  # split -> last computed metrics
         self.history: list[dict[str, float]] = []        # one row per epoch, filled by EpochSummary
         self._compiled: Optional[Any] = None  # torch.compile(self.model), kept out of the submodules
@@ -56,8 +65,8 @@ class ReslabModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.compile_model and self._compiled is None:
-            object.__setattr__(self, "_compiled", torch.compile(self.model))  # not a submodule: keys stay put
+        if self.compile_mode is not None and self._compiled is None:   # not a submodule: state_dict keys stay put
+            object.__setattr__(self, "_compiled", torch.compile(self.model, mode=self.compile_mode))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -79,7 +88,8 @@ class ReslabModule(pl.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         detached = loss.detach()
-        self.metric_loss[f"{split}_"].update(detached, weight=labels.shape[0])
+        # the weight as a device tensor: a Python number would be copied to the GPU, a sync every step
+        self.metric_loss[f"{split}_"].update(detached, weight=detached.new_full((), labels.shape[0]))
         self.metric_acc[f"{split}_"].update(logits.detach().argmax(1), labels)
         return loss
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -16,6 +17,7 @@ from arches.errors import ReslabError
 from arches.schema import DataSpec
 from runs.batches import TensorBatches, crop_flip, epoch_generator, resized_crop_flip, shard
 from runs.data import ReslabData, load_arrays, split_indices
+from runs.imagefolder import FolderImages, collate_encoded, crop_resize, open_image, plan_crop, to_tensor
 
 FASHION = ["data.name=fashion-mnist", "input.channels=1", "input.size=28"]
 
@@ -298,6 +300,77 @@ def test_imagefolder_from_generated_pngs(tmp_path):
     assert test_labels.tolist() == [0, 0, 1, 1, 2, 2]
     x, _ = next(iter(data.val_dataloader()))
     assert x.shape == (3, 3, 16, 16)
+
+
+def smooth_jpegs(folder: Path, count: int, size=(150, 110)) -> list[tuple[str, int]]:
+    """`count` JPEGs of smooth colour patterns (camera-like content), as (path, label) samples."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    samples = []
+    for i in range(count):
+        wave = 60 * np.sin(xx / (9 + i))[..., None] + 60 * np.cos(yy / (13 + 2 * i))[..., None]
+        pixels = (127 + wave * np.array([1.0, 0.6, -0.8]) + rng.normal(0, 6, (size[1], size[0], 3)))
+        path = folder / f"{i}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        samples.append((str(path), i % 3))
+    return samples
+
+
+@pytest.mark.parametrize("augment", ["rrc_flip", "crop_flip", "none"])
+def test_tensor_crop_resize_matches_pillow_on_the_same_boxes(tmp_path, augment):
+    """The GPU path's crop + antialiased resize (torch) against Pillow's, on the same decoded pixels and the same
+    seeded boxes: they sample the same regions (a wrong box or a missed flip differs by tens of grey levels)."""
+    samples = smooth_jpegs(tmp_path, 6)
+    cpu = FolderImages(samples, size=48, channels=3, augment=augment)
+    for index, seed in [(i, 77 + i) for i in range(6)] + [(0, None)]:
+        img = open_image(samples[index][0], 3)
+        box, mirror = plan_crop(*img.size, augment, seed)
+        ours = crop_resize(to_tensor(img), box, 48, mirror)
+        theirs = cpu.pixels(index, seed).float()
+        assert ours.shape == theirs.shape == (3, 48, 48)
+        assert (ours - theirs).abs().mean() < 1.0 and (ours - theirs).abs().max() < 12
+        if mirror:
+            assert (ours.flip(-1) - theirs).abs().mean() > 5 * (ours - theirs).abs().mean()
+
+
+def test_encoded_items_carry_jpeg_bytes_and_the_pillow_boxes(tmp_path):
+    """encoded=True: a JPEG item is the file's bytes with the box and flag the Pillow path draws for the same key;
+    a PNG is cropped in the worker, equal to the Pillow path's pixels; the collated batch keeps it all."""
+    samples = smooth_jpegs(tmp_path, 2)
+    png = tmp_path / "2.png"
+    Image.open(samples[0][0]).save(png)
+    samples.append((str(png), 2))
+    enc = FolderImages(samples, size=32, channels=3, augment="rrc_flip", encoded=True)
+    cpu = FolderImages(samples, size=32, channels=3, augment="rrc_flip")
+    items = [enc[(i, 5 + i)] for i in range(3)]
+    for i, (data, box, mirror, label) in enumerate(items[:2]):
+        assert data.dim() == 1 and bytes(data[:2].tolist()) == b"\xff\xd8" and len(data) == Path(samples[i][0]).stat().st_size
+        assert (box, mirror) == plan_crop(*Image.open(samples[i][0]).size, "rrc_flip", 5 + i) and label == i % 3
+    assert torch.equal(items[2][0], cpu.pixels(2, 7))
+    batch = collate_encoded(items)
+    assert len(batch) == 3 and batch.labels.tolist() == [0, 1, 2] and batch.boxes.shape == (3, 4)
+
+
+def test_gpu_decode_is_refused_in_one_line_without_cuda(tmp_path):
+    write_folder(tmp_path, "train", 4)
+    write_folder(tmp_path, "val", 1)
+    spec = tiny_spec({"name": "imagefolder", "root": str(tmp_path), "val_size": 3, "decode": "gpu"},
+                     accelerator="cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ReslabError) as exc:
+        pl.Trainer(accelerator="cpu", logger=False, max_epochs=1).fit(_NoModel(), datamodule=ReslabData(spec))
+    assert "data.decode" in one_line(exc) and "CUDA" in one_line(exc)
+
+
+class _NoModel(pl.LightningModule):
+    """Never trained: the data module's setup fails first."""
+
+    def training_step(self, batch, batch_idx):  # pragma: no cover
+        raise AssertionError
+
+    def configure_optimizers(self):  # pragma: no cover
+        raise AssertionError
 
 
 def test_imagefolder_without_val_is_one_line_error(tmp_path):

@@ -210,15 +210,3 @@ def test_compiled_channels_last_run_on_cpu(fashion_mnist, store):
     _, model = load_model(result.checkpoint)
     correct, total = measure_test_accuracy(model, spec)
     assert total == 300 and abs(correct / total - result.metrics["test/acc"]) <= 2 / total
-
-
-@pytest.mark.gpu
-def test_gpu_run_uses_bf16_and_channels_last(fashion_mnist, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    from runs.fit import resolved_precision
-
-    spec = small_spec(fashion_mnist, "data.train_subset=2048", "train.epochs=1", "data.test_subset=512")
-    assert resolved_precision(spec) in ("bf16-mixed", "16-mixed")
-    result = train(spec, output_dir=tmp_path / "outputs", progress=False)
-    assert result.status == "FINISHED" and result.metrics["test/acc"] > 0.3
