@@ -271,9 +271,11 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from arches.errors import ReslabError
+    from runs.quiet import quiet
 
     try:
-        return args.handler(args) or 0
+        with quiet():
+            return args.handler(args) or 0
     except ReslabError as e:
         print(str(e), file=sys.stderr)
         return EXIT_BAD_INPUT

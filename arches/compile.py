@@ -93,6 +93,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
             m.init_residual()
 
 
-def build_model(spec: Spec) -> Network:
-    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights)."""
-    return Network(spec, plan_network(spec))
+def build_model(spec: Spec, plan: NetworkPlan | None = None) -> Network:
+    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights); `plan`:
+    the spec's plan_network when the caller has it already."""
+    return Network(spec, plan or plan_network(spec))

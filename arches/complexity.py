@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .compile import Network, build_model
+from .plan import NetworkPlan
 from .schema import Spec
 
 
@@ -45,11 +46,12 @@ def _count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def complexity(spec: Spec, model: Network | None = None) -> Complexity:
-    """Measure one forward pass of a single image at the spec's input size."""
+def complexity(spec: Spec, model: Network | None = None, plan: NetworkPlan | None = None) -> Complexity:
+    """Measure one forward pass of a single image at the spec's input size (of `model`, else of the network
+    built on the meta device from `plan`, else from the spec)."""
     if model is None:
         with torch.device("meta"):
-            model = build_model(spec)
+            model = build_model(spec, plan)
     device = next(model.parameters()).device
     shape = (spec.input.channels, spec.input.size, spec.input.size)
     acts: dict[str, int] = {}

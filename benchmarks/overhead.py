@@ -2,10 +2,10 @@
 """reslab's training step against a hand-written PyTorch loop, side by side on the same machine.
 
 Both train the same network (build_model, same seed) with the same optimizer and per-step LambdaLR on the same
-pre-made batches for the same number of steps. reslab's side is ReslabModule driven by the Trainer that
-`runs.fit.train` builds, with its callbacks (epoch summary, per-epoch line, interrupt guard, last.ckpt every
-epoch) and MLflow recording on (a throw-away sqlite store): each timed epoch runs from on_train_start to
-on_train_end, so metric updates, the NaN check, the epoch's MLflow logging and checkpoint are all inside.
+pre-made batches for the same number of steps. reslab's side is `runs.fit.train` itself on those batches (a data
+module of them), with its callbacks (epoch summary, per-epoch line, interrupt guard, last.ckpt every epoch) and
+MLflow recording on (a throw-away sqlite store): each timed epoch runs from on_train_start to on_train_end, so
+metric updates, the NaN check, the epoch's MLflow logging and checkpoint are all inside.
 After a warm-up of each, the two alternate `--repeats` times; the ratio of median times is printed, for the
 whole epoch and for the training steps alone (first batch start to last batch end: the epoch's end, with its
 checkpoint and MLflow writes, left out). On CUDA (`--device cuda`) both sides use bf16 autocast and channels_last
@@ -34,9 +34,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from arches import build_model, load_spec  # noqa: E402
-from runs import tracking  # noqa: E402
-from runs.fit import _quiet_lightning, build_trainer  # noqa: E402
-from runs.module import ReslabModule  # noqa: E402
+from runs.fit import train  # noqa: E402
 from runs.recipe import build_optimizer, build_scheduler  # noqa: E402
 
 
@@ -84,6 +82,21 @@ class Batches:
         return iter(self.batches)
 
 
+class PremadeData(pl.LightningDataModule):
+    """The pre-made batches as a data module for `train(..., data=...)`: all of them to train, two to test."""
+
+    def __init__(self, batches: list) -> None:
+        super().__init__()
+        self.batches = batches
+        self.steps_per_epoch = len(batches)
+
+    def train_dataloader(self) -> Batches:
+        return Batches(self.batches)
+
+    def test_dataloader(self) -> Batches:
+        return Batches(self.batches[:2])
+
+
 def make_batches(spec, steps: int, device: torch.device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`steps` fixed batches of normalised random images and labels at the spec's input shape, on `device`."""
     g = torch.Generator().manual_seed(seed)
@@ -116,19 +129,11 @@ def plain_loop(spec, batches, device: torch.device) -> tuple[float, float]:
     return seconds, seconds
 
 
-def reslab_loop(spec, batches, out: Path, client, run_id: str, device: torch.device) -> tuple[float, float]:
-    """(epoch seconds, steps-only seconds) for one epoch over the batches by the Trainer and callbacks of
-    runs.fit.train, recording on."""
-    module = ReslabModule(spec.model_dump(mode="json"))
-    module.channels_last = device.type == "cuda"      # as runs.fit.train sets it on CUDA
+def reslab_loop(spec, batches, out: Path, device: torch.device) -> tuple[float, float]:
+    """(epoch seconds, steps-only seconds) of one epoch over the batches by runs.fit.train, recording on."""
     watch = Stopwatch(device)
-    uri = tracking.default_tracking_uri(out)
-    trainer, (summary, guard, ckpt) = build_trainer(spec, out, progress=False, callbacks=[watch])
-    trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, tracking.MlflowRecorder(uri, run_id))
-    ckpt.dirpath = str(out / "checkpoints" / run_id)
-    guard.path = Path(ckpt.dirpath) / "last.ckpt"
-    with redirect_stdout(io.StringIO()), _quiet_lightning():
-        trainer.fit(module, train_dataloaders=Batches(batches))
+    with redirect_stdout(io.StringIO()):
+        train(spec, data=PremadeData(batches), output_dir=out, callbacks=[watch], progress=False)
     return watch.seconds, watch.step_seconds
 
 
@@ -154,18 +159,14 @@ def main() -> int:
     batches = make_batches(spec, args.steps, device)
     with tempfile.TemporaryDirectory(prefix="reslab-overhead-") as tmp:
         out = Path(tmp)
-        client = tracking.client_for(None, out)
-        exp = tracking.ensure_experiment(client, "overhead", out)
-        run_id = client.create_run(exp).info.run_id
         plain_loop(spec, batches[:5], device)                          # warm-up: allocator, kernels, cudnn
-        reslab_loop(spec, batches[:5], out, client, run_id, device)
+        reslab_loop(spec, batches[:5], out, device)
         plain, ours = [], []
         for i in range(args.repeats):                                  # alternate, order swapped each round
             pair = [("plain", lambda: plain_loop(spec, batches, device)),
-                    ("reslab", lambda: reslab_loop(spec, batches, out, client, run_id, device))]
+                    ("reslab", lambda: reslab_loop(spec, batches, out, device))]
             for name, fn in (pair if i % 2 == 0 else pair[::-1]):
                 (plain if name == "plain" else ours).append(fn())
-        client.set_terminated(run_id)
     per_step = lambda xs: 1000 * statistics.median(xs) / args.steps  # noqa: E731
     where = torch.cuda.get_device_name(device) + ", bf16 autocast, channels_last" if device.type == "cuda" \
         else f"CPU, {args.threads} thread(s)"

@@ -7,25 +7,25 @@ interrupted measurement records nothing): in the experiment `diagnostics` by def
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import matplotlib
+from matplotlib.patches import Patch
+from mlflow.exceptions import MlflowException
 from rich.console import Console
 from rich.table import Table
 
 from arches.errors import ReslabError
+from runs import tracking
+from runs.plots import new_figure, save_figure
+from search.stats import Summary
 
-from .suite import GradientRow, LesionResult, Summary, summarise_gradients
+from .suite import GradientRow, LesionResult, summarise_gradients
 
 DEFAULT_EXPERIMENT = "diagnostics"
-
-
-def metric_key(*parts: str) -> str:
-    """An MLflow-safe metric name: parts joined by '/', characters MLflow refuses replaced by '_'."""
-    return "/".join(re.sub(r"[^\w\-. :]", "_", p) for p in parts)
 
 
 # ---------------------------------------------------------------- tables
@@ -82,19 +82,11 @@ def _by_spec(results: Sequence[LesionResult]) -> dict[str, list[LesionResult]]:
 
 # ---------------------------------------------------------------- plots
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_gradients(rows: Sequence[GradientRow], folder: Path) -> list[Path]:
     """gradient_correlation.png (correlation vs depth, one line per family and state, error bars = std) and
     gradient_norms.png (||dL/d block output|| vs relative block position, log scale, one line per network)."""
-    plt = _pyplot()
     items = summarise_gradients(rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(6, 4)
     groups: dict[str, list[dict]] = defaultdict(list)
     for item in items:
         groups[item["family"] + ("" if item["state"] == "init" else f" ({item['state']})")].append(item)
@@ -109,13 +101,11 @@ def plot_gradients(rows: Sequence[GradientRow], folder: Path) -> list[Path]:
     ax.set_title(f"Shattered gradients (mean ± std over {n} seed{'s' if n > 1 else ''})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    paths = [folder / "gradient_correlation.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    paths = [save_figure(fig, folder / "gradient_correlation.png")]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(sorted({d["family"] for d in items}))}
+    fig, ax = new_figure(6, 4)
+    tab10 = matplotlib.colormaps["tab10"]
+    colours = {f: tab10(i % 10) for i, f in enumerate(sorted({d["family"] for d in items}))}
     for item in sorted(items, key=lambda d: (d["family"], d["depth"])):
         norms = [s.mean for s in item["block_norms"].values()]
         xs = [(i + 1) / len(norms) for i in range(len(norms))]
@@ -128,22 +118,16 @@ def plot_gradients(rows: Sequence[GradientRow], folder: Path) -> list[Path]:
     ax.set_title("Gradient norm reaching each block")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(folder / "gradient_norms.png")
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, folder / "gradient_norms.png"))
     return paths
 
 
 def plot_lesions(results: Sequence[LesionResult], folder: Path) -> list[Path]:
     """lesion.png: a bar per deleted block (downsampling blocks in red), intact accuracy as a line; one panel
     per spec, checkpoints pooled (error bars = std)."""
-    plt = _pyplot()
     groups = _by_spec(results)
-    from matplotlib.patches import Patch
-
     width = max(7.0, 0.4 * max(len(g[0].rows) for g in groups.values()))
-    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 3.2 * len(groups)), squeeze=False)
+    fig, axes = new_figure(width, 3.2 * len(groups), rows=len(groups), squeeze=False)
     for ax, (name, group) in zip(axes[:, 0], groups.items()):
         blocks = [row.block for row in group[0].rows]
         accs = [Summary.of([r.rows[i].accuracy for r in group]) for i in range(len(blocks))]
@@ -161,11 +145,7 @@ def plot_lesions(results: Sequence[LesionResult], folder: Path) -> list[Path]:
         ax.legend([line, Patch(color="tab:blue"), Patch(color="tab:red")],
                   [f"intact {intact}", "block deleted", "downsampling block deleted"], fontsize=7,
                   loc="upper center", ncol=3, frameon=False)
-    fig.tight_layout()
-    path = folder / "lesion.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, folder / "lesion.png")]
 
 
 # ---------------------------------------------------------------- MLflow
@@ -176,14 +156,14 @@ def gradient_metrics(rows: Sequence[GradientRow]) -> list[tuple[str, float, int]
     out = []
     for item in summarise_gradients(rows):
         label, corr = item["label"], item["correlation"]
-        out += [(metric_key("grad_corr", label), corr.mean, 0), (metric_key("grad_corr_n", label), corr.n, 0),
-                (metric_key("depth", label), item["depth"], 0)]
+        out += [(tracking.legal_key("grad_corr", label), corr.mean, 0), (tracking.legal_key("grad_corr_n", label), corr.n, 0),
+                (tracking.legal_key("depth", label), item["depth"], 0)]
         if corr.std is not None:
-            out.append((metric_key("grad_corr_std", label), corr.std, 0))
+            out.append((tracking.legal_key("grad_corr_std", label), corr.std, 0))
         for step, norm in enumerate(item["block_norms"].values()):
-            out.append((metric_key("grad_norm", label), norm.mean, step))
+            out.append((tracking.legal_key("grad_norm", label), norm.mean, step))
         for lag, value in enumerate(item["lag"], 1):
-            out.append((metric_key("grad_corr_lag", label), value.mean, lag))
+            out.append((tracking.legal_key("grad_corr_lag", label), value.mean, lag))
     return out
 
 
@@ -191,21 +171,17 @@ def lesion_metrics(results: Sequence[LesionResult]) -> list[tuple[str, float, in
     """(key, value, step): intact accuracy and accuracy with each block deleted, per checkpoint."""
     out = []
     for r in results:
-        out.append((metric_key("intact_acc", r.label), r.intact, 0))
+        out.append((tracking.legal_key("intact_acc", r.label), r.intact, 0))
         for step, row in enumerate(r.rows):
-            out.append((metric_key("lesion_acc", r.label, row.block), row.accuracy, 0))
-            out.append((metric_key("lesion_acc", r.label), row.accuracy, step))
+            out.append((tracking.legal_key("lesion_acc", r.label, row.block), row.accuracy, 0))
+            out.append((tracking.legal_key("lesion_acc", r.label), row.accuracy, step))
     return out
 
 
 def parent_experiment(tracking_uri: str, run_id: str, output_dir: str = "outputs") -> str:
     """The experiment id of the run diagnostics will be nested under; one-line ReslabError if there is none."""
-    from mlflow.exceptions import MlflowException
-
-    from runs.tracking import client_for
-
     try:
-        return client_for(tracking_uri, output_dir).get_run(run_id).info.experiment_id
+        return tracking.client_for(tracking_uri, output_dir).get_run(run_id).info.experiment_id
     except MlflowException:
         raise ReslabError(f"no MLflow run '{run_id}' in {tracking_uri} to attach diagnostics to",
                           path="--run") from None
@@ -217,34 +193,24 @@ def record(kind: str, params: dict, metrics: Sequence[tuple[str, float, int]], p
     """Log one diagnostic as its own MLflow run (nested under parent_run_id if given); returns the run id.
 
     `plots(folder) -> [paths]` draws the PNGs; `payload` is stored as <kind>.json."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    from runs.tracking import client_for, ensure_experiment
-
-    client = client_for(tracking_uri, output_dir)
-    tags = {"reslab.diagnostic": kind, "mlflow.runName": run_name or kind}
+    client = tracking.client_for(tracking_uri, output_dir)
     if parent_run_id:
         experiment_id = parent_experiment(tracking_uri, parent_run_id, output_dir)
-        tags["mlflow.parentRunId"] = parent_run_id
     else:
-        experiment_id = ensure_experiment(client, experiment, output_dir)
-    run = client.create_run(experiment_id, tags=tags, run_name=run_name or kind)
-    run_id = run.info.run_id
+        experiment_id = tracking.ensure_experiment(client, experiment, output_dir)
+    run_id = tracking.create_run(client, experiment_id, run_name or kind, {"reslab.diagnostic": kind},
+                                 parent_run_id=parent_run_id)
     try:
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"])
-        stamp = run.info.start_time
-        batch = [Metric(k, float(v), stamp, step) for k, v, step in metrics]
-        for start in range(0, len(batch), 1000):
-            client.log_batch(run_id, metrics=batch[start:start + 1000])
+        tracking.log_params(client, run_id, params)
+        tracking.log_metric_rows(client, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / f"{kind}.json").write_text(json.dumps(payload, indent=1, default=str))
             plots(folder)
             client.log_artifacts(run_id, tmp)
     except BaseException as e:
-        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
-        client.set_terminated(run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
+        tracking.end_run(client, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                         {tracking.FAILURE_TAG: f"{type(e).__name__}: {e}"})
         raise
-    client.set_terminated(run_id, "FINISHED")
+    tracking.end_run(client, run_id, "FINISHED")
     return run_id

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from arches import load_spec
 from arches.errors import ReslabError
+from runs.tracking import default_tracking_uri
 
 from .record import DEFAULT_EXPERIMENT, gradient_metrics, gradient_table, lesion_metrics, lesion_table, \
     parent_experiment, plot_gradients, plot_lesions, record
@@ -39,8 +40,6 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
             console = Console(width=max(console.width, 140))
     if not (req.gradients or req.lesion):
         raise ReslabError("say what to measure: --gradients and/or --lesion")
-    from runs.tracking import default_tracking_uri
-
     uri = req.tracking_uri or default_tracking_uri(req.output_dir)
     if req.parent_run_id:
         parent_experiment(uri, req.parent_run_id, req.output_dir)   # fail before measuring, not after

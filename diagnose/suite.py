@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +17,10 @@ from arches import build_model, plan_network
 from arches.errors import ReslabError
 from arches.schema import Spec
 from arches.spec import flatten
+from runs.checkpoint import load_model
+from runs.data import ReslabData
+from runs.tracking import experiment_name
+from search.stats import Summary
 
 from .gradients import (BNMode, Readout, block_gradient_norms, calibrate_bn, gradient_correlation, is_residual,
                         network_depth, pick_pair)
@@ -38,8 +41,6 @@ class Target:
 
 def family_of(spec: Spec) -> str:
     """The spec's family as its training runs name their experiment: spec.family, else resnet56 -> resnet."""
-    from runs.tracking import experiment_name
-
     return experiment_name(spec)
 
 
@@ -73,8 +74,6 @@ def resolve_targets(specs: Sequence[tuple[str, Spec]], checkpoints: Sequence[str
     """Targets for `specs` ((file, Spec) pairs): each at initialisation (if at_init), then each checkpoint,
     matched to the given spec that builds the same network. A checkpoint matching none: ReslabError."""
     targets = [Target(spec.name, spec) for _, spec in specs] if at_init else []
-    if checkpoints:
-        from runs.checkpoint import load_model  # runs is only needed for trained networks
     for ref in checkpoints:
         trained_spec, model = load_model(ref, tracking_uri)
         diffs = [(file, spec, architecture_diff(spec, trained_spec)) for file, spec in specs]
@@ -105,8 +104,6 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def eval_batches(spec: Spec, limit: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The spec's test set as normalised (images, labels) batches, via runs.data; `limit`: a seeded subset."""
-    from runs.data import ReslabData
-
     if limit is not None:
         if limit < 1:
             raise ReslabError(f"--limit must be a positive number of images, not {limit}", path="--limit")
@@ -197,22 +194,6 @@ def measure_gradients(targets: Sequence[Target], options: Optional[GradientOptio
             if progress:
                 progress(rows[-1])
     return rows
-
-
-@dataclass
-class Summary:
-    """n, mean and (sample) std of one quantity over seeds; std is None when n == 1."""
-    n: int
-    mean: float
-    std: Optional[float]
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "Summary":
-        values = list(values)
-        return cls(len(values), statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f}" + (f" ± {self.std:.3f}" if self.std is not None else "")
 
 
 def summarise_gradients(rows: Sequence[GradientRow]) -> list[dict]:

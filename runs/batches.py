@@ -59,23 +59,51 @@ def crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: bool =
     return apply_crop_flip(images, pad, offsets)
 
 
+def resized_crop_boxes(sizes: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random-resized-crop boxes (Inception style) for images of `sizes` (n x 2: width, height): area a fraction
+    in `scale` of the image's, aspect (width / height) log-uniform in `ratio`, cut to the image, at a uniform
+    position. Returns (n, 4) float boxes: left, top, right, bottom in pixels."""
+    sizes = sizes.to(torch.float64)
+    n, (w, h) = len(sizes), sizes.unbind(1)
+    area = torch.empty(n, dtype=torch.float64).uniform_(*scale, generator=gen) * w * h
+    aspect = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                     generator=gen))
+    cw, ch = torch.minimum(torch.sqrt(area * aspect), w), torch.minimum(torch.sqrt(area / aspect), h)
+    where = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    left, top = where[:, 0] * (w - cw), where[:, 1] * (h - ch)
+    return torch.stack([left, top, left + cw, top + ch], 1)
+
+
 def resized_crop_flip(images: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Random-resized crop (area fraction in `scale`, aspect in `ratio`) back to full size, plus random flip;
-    bilinear, batched with affine_grid/grid_sample. Returns float images in the input's 0..255 range."""
-    n = images.shape[0]
-    area = torch.empty(n).uniform_(*scale, generator=gen)
-    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
-    aspect = torch.exp(log_r)
-    sw, sh = torch.sqrt(area * aspect).clamp(max=1.0), torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sw)
-    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sh)
+    """Random-resized crop (resized_crop_boxes) back to full size, plus random flip; bilinear, batched with
+    affine_grid/grid_sample. Returns float images in the input's 0..255 range."""
+    n, _, h, w = images.shape
+    boxes = resized_crop_boxes(torch.tensor([[w, h]]).expand(n, 2), gen, scale, ratio)
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw * sign, cx, sh, cy
+    theta = torch.zeros(n, 2, 3)            # output grid -> input coordinates, -1..1 across the image
+    theta[:, 0, 0] = ((boxes[:, 2] - boxes[:, 0]) / w).float() * sign
+    theta[:, 1, 1] = ((boxes[:, 3] - boxes[:, 1]) / h).float()
+    theta[:, 0, 2] = ((boxes[:, 0] + boxes[:, 2]) / w - 1).float()
+    theta[:, 1, 2] = ((boxes[:, 1] + boxes[:, 3]) / h - 1).float()
     theta = theta.to(images.device, non_blocking=True)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def channel_mean_std(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 NCHW images, in 0..1 units."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64)
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    std = (squares / count - mean * mean).clamp(min=0).sqrt()
+    return tuple((mean / 255).tolist()), tuple((std / 255).clamp(min=1e-6).tolist())
 
 
 class TensorBatches:

@@ -15,6 +15,8 @@ import torch
 from arches import Network, Spec, build_model, spec_from_dict
 from arches.errors import ReslabError, first_line
 
+from .tracking import client_for
+
 LAST = "last.ckpt"
 ARTIFACT = "checkpoints/last.ckpt"  # where a finished run keeps its final checkpoint among its artifacts
 
@@ -54,8 +56,6 @@ def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
                     output_dir: Union[str, Path, None] = None) -> Path:
     """The checkpoint of an MLflow run: its artifact checkpoints/last.ckpt, else
     <output_dir>/checkpoints/<run_id>/last.ckpt (output_dir defaults to the sqlite store's folder)."""
-    from .tracking import client_for
-
     if tracking_uri is None and not (Path(output_dir or "outputs") / "mlflow.db").exists():
         raise ReslabError(f"no MLflow store at {Path(output_dir or 'outputs') / 'mlflow.db'} to find run "
                           f"'{run_id}' in; give a .ckpt path or --tracking-uri", file="run id")

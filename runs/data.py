@@ -1,57 +1,32 @@
-"""Data sets for training: find or download the files, read them, split by seed, serve batches to Lightning.
+"""The spec's data for Lightning: split by seed, normalised by the training split's statistics, sharded across
+DDP ranks, served as in-memory batches (runs.batches) or decoded image folders (runs.imagefolder).
 
     data = ReslabData(spec)                  # a LightningDataModule
     trainer.fit(module, datamodule=data)     # module can read trainer.datamodule.steps_per_epoch etc.
     arrays = load_arrays(spec)               # raw uint8 NCHW images and int64 labels of the small sets
+
+Where each named data set's files are and how they are read: runs.datasets (a registry keyed by data.name).
 """
 from __future__ import annotations
 
-import gzip
-import os
-import pickle
-import tarfile
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from arches.errors import ReslabError, first_line
+from arches.errors import ReslabError
 from arches.schema import DataSpec, Spec
 
-from .batches import SPLIT, SYNTHETIC, TEST_SUBSET, TensorBatches, epoch_generator
+from .batches import SPLIT, TEST_SUBSET, TensorBatches, channel_mean_std, epoch_generator
+from .datasets import DATA_SETS, Arrays
 from .imagefolder import (EncodedBatch, FolderImages, GpuDecoder, ShardSampler, channel_stats, collate_encoded, scan,
                           torchvision_io)
 
-APT_PACKAGE = "dataset-fashion-mnist"
-SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-                 "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
-FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-CIFAR = {  # name: (folder inside the tarball, train files, test files, label key, tarball URL)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
-                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels",
-                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-}
-DOWNLOAD_TIMEOUT_S = 5.0
 EVAL_BATCH = 512
 SYNTHETIC_SHAPE = (3, 32, 32)
-
-
-@dataclass
-class Arrays:
-    """A whole small data set: uint8 NCHW images and int64 labels, train and test."""
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
 
 
 @dataclass
@@ -62,202 +37,9 @@ class Split:
     test: torch.Tensor
 
 
-# ---------------------------------------------------------------- where the files are
-
-def cache_dir() -> Path:
-    """reslab's download cache: $XDG_CACHE_HOME/reslab (default ~/.cache/reslab)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reslab"
-
-
-def _folder_name(name: str) -> str:
-    return CIFAR[name][0] if name in CIFAR else name
-
-
-def _has_files(folder: Path, name: str) -> bool:
-    if name == "fashion-mnist":
-        return all((folder / f).exists() or (folder / f"{f}.gz").exists() for f in FASHION_FILES.values())
-    _, train, test, _, _ = CIFAR[name]
-    return all((folder / f).exists() for f in train + test)
-
-
-def data_places(data: DataSpec) -> list[Path]:
-    """Folders looked in, in order: data.root, $RESLAB_DATA, the Debian package's folder, the download cache."""
-    sub, places = _folder_name(data.name), []
-    if data.root:
-        root = Path(data.root).expanduser()
-        places += [root, root / sub]
-    if os.environ.get("RESLAB_DATA"):
-        env = Path(os.environ["RESLAB_DATA"]).expanduser()
-        places += [env, env / sub]
-    if data.name == "fashion-mnist":
-        places.append(SYSTEM_FASHION_MNIST)
-    return places + [cache_dir() / sub]
-
-
-def _fetch(url: str, target: Path) -> None:
-    """Download url to target atomically (a .part file renamed at the end), with a short timeout."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-    part.replace(target)
-
-
-def download(name: str) -> Path:
-    """Fetch the official files of fashion-mnist, cifar10 or cifar100 into the cache; returns their folder."""
-    folder = cache_dir() / _folder_name(name)
-    if name == "fashion-mnist":
-        for f in FASHION_FILES.values():
-            if not (folder / f"{f}.gz").exists():
-                _fetch(FASHION_URL + f"{f}.gz", folder / f"{f}.gz")
-        return folder
-    url = CIFAR[name][4]
-    tarball = cache_dir() / url.rsplit("/", 1)[1]
-    if not tarball.exists():
-        _fetch(url, tarball)
-    with tarfile.open(tarball) as tar:
-        tar.extractall(cache_dir(), filter="data")
-    return folder
-
-
 def find_data_root(data: DataSpec) -> Optional[Path]:
-    """The folder holding data.name's files (downloading when allowed); one-line ReslabError when none does.
-
-    imagefolder: data.root (or $RESLAB_DATA) with train/ and val/ inside; synthetic: None (nothing to read).
-    """
-    if data.name == "synthetic":
-        return None
-    if data.name == "imagefolder":
-        return _image_root(data)
-    places = data_places(data)
-    if data.root and not Path(data.root).expanduser().exists():
-        hint = (f"; apt-get install {APT_PACKAGE} puts the files in {SYSTEM_FASHION_MNIST}"
-                if data.name == "fashion-mnist" else f"; the files are in {CIFAR[data.name][4]}")
-        raise ReslabError(f"{data.root} does not exist: give the folder holding the {data.name} files, "
-                          f"or null to look in $RESLAB_DATA, system folders and {cache_dir()}{hint}",
-                          path="data.root")
-    for place in places:
-        if place.is_dir() and _has_files(place, data.name):
-            return place
-    why = "download disabled (data.download: false)"
-    if data.download:
-        try:
-            return download(data.name)
-        except (OSError, tarfile.TarError, ValueError) as exc:   # URLError is an OSError
-            why = f"download failed ({type(exc).__name__}: {first_line(exc)})"
-    looked = ", ".join(dict.fromkeys(str(p) for p in places))
-    if data.name == "fashion-mnist":
-        hint = f"apt-get install {APT_PACKAGE}, or put the 4 IDX files (.gz or not) in one of those folders"
-    else:
-        hint = f"unpack {CIFAR[data.name][4]} into one of those folders (or into $RESLAB_DATA)"
-    raise ReslabError(f"{data.name} not found: looked in {looked}; {why}; {hint}", path="data.name")
-
-
-def _image_root(data: DataSpec) -> Path:
-    root = data.root or os.environ.get("RESLAB_DATA")
-    if not root:
-        raise ReslabError("imagefolder needs data.root (or $RESLAB_DATA): a folder with train/<class>/ and "
-                          "val/<class>/ image folders", path="data.root")
-    root = Path(root).expanduser()
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing:
-        raise ReslabError(f"{root}: no {' or '.join(s + '/' for s in missing)} folder (imagefolder wants "
-                          f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)", path="data.root")
-    return root
-
-
-# ---------------------------------------------------------------- reading the files
-
-def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """A uint8 array from an IDX file (optionally gzipped); one-line ReslabError when it is not one."""
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ReslabError(f"{path}: corrupt gzip file ({exc}); delete it and reinstall {APT_PACKAGE} "
-                          f"or download it again") from None
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
-        raise ReslabError(f"{path}: not an IDX file of {ndim}-d uint8 data (magic number "
-                          f"{raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4)) if len(raw) >= 4 + 4 * ndim else ()
-    body = len(raw) - 4 - 4 * ndim
-    if len(dims) != ndim or body != int(np.prod(dims)):
-        raise ReslabError(f"{path}: corrupt IDX file ({max(body, 0)} data bytes for dimensions {dims})")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_fashion_mnist(folder: Path) -> Arrays:
-    """Fashion-MNIST from its four IDX files: 60k train, 10k test, 1x28x28, 10 classes."""
-    def read(key: str, ndim: int) -> np.ndarray:
-        name = FASHION_FILES[key]
-        path = folder / name if (folder / name).exists() else folder / f"{name}.gz"
-        return read_idx(path, ndim)
-
-    parts = {}
-    for split in ("train", "test"):
-        images, labels = read(f"{split}_images", 3), read(f"{split}_labels", 1)
-        if len(images) != len(labels) or (len(labels) and labels.max() > 9):
-            raise ReslabError(f"{folder}: {split} files disagree ({len(images)} images, {len(labels)} labels "
-                              f"with values up to {labels.max() if len(labels) else '-'})")
-        parts[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
-    return Arrays(*parts["train"], *parts["test"], num_classes=10)
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays, dicts, lists and strings only: nothing in a data file can run code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 N x 3 x 32 x 32 images, int64 labels) from one official CIFAR python pickle batch."""
-    try:
-        with open(path, "rb") as f:
-            batch = _ArraysOnly(f, encoding="bytes").load()
-        data, labels = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[label_key], dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            raise ValueError(f"data {data.shape}, {len(labels)} labels")
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, IndexError,
-            AttributeError) as exc:
-        raise ReslabError(f"{path}: not a CIFAR python batch with {label_key.decode()} ({type(exc).__name__}: "
-                          f"{first_line(exc)})") from None
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def load_cifar(folder: Path, name: str) -> Arrays:
-    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) from the official python batches."""
-    _, train, test, key, _ = CIFAR[name]
-    classes = 10 if name == "cifar10" else 100
-
-    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [read_cifar_batch(folder / f, key) for f in files]
-        labels = np.concatenate([p[1] for p in parts])
-        if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-            raise ReslabError(f"{folder}: labels outside 0..{classes - 1} in {', '.join(files)}")
-        return torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(labels)
-
-    return Arrays(*read(train), *read(test), num_classes=classes)
-
-
-def synthetic_arrays(shape: tuple[int, int, int], classes: int, size: int, seed: int) -> Arrays:
-    """Random images from the seed (size train, size // 4 test), each a class template plus noise: learnable."""
-    gen = epoch_generator(SYNTHETIC, seed)
-    templates = torch.rand(classes, *shape, generator=gen) * 255
-
-    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.randint(0, classes, (n,), generator=gen)
-        noise = torch.rand(n, *shape, generator=gen) * 255
-        return (0.5 * templates[labels] + 0.5 * noise).round().to(torch.uint8), labels
-
-    return Arrays(*make(size), *make(max(1, size // 4)), num_classes=classes)
+    """The folder holding data.name's files (see runs.datasets); None for synthetic data."""
+    return DATA_SETS[data.name].find(data)
 
 
 def load_arrays(data: Union[DataSpec, Spec], seed: Optional[int] = None, *,
@@ -270,13 +52,7 @@ def load_arrays(data: Union[DataSpec, Spec], seed: Optional[int] = None, *,
         spec = data
         data, shape, classes = spec.data, (spec.input.channels, spec.input.size, spec.input.size), spec.classes
         seed = spec.train.seed if seed is None else seed
-    if data.name == "imagefolder":
-        raise ReslabError("imagefolder images are decoded batch by batch, not held as arrays: use ReslabData",
-                          path="data.name")
-    if data.name == "synthetic":
-        return synthetic_arrays(shape, classes, data.synthetic_size, seed or 0)
-    folder = find_data_root(data)
-    return load_fashion_mnist(folder) if data.name == "fashion-mnist" else load_cifar(folder, data.name)
+    return DATA_SETS[data.name].read(data, shape, classes, seed or 0)
 
 
 # ---------------------------------------------------------------- splits and statistics
@@ -285,8 +61,9 @@ def val_count(data: DataSpec, n_train: int) -> int:
     """Number of training images held out for validation: data.val_size as a count, or a fraction if < 1."""
     size = data.val_size
     count = round(size * n_train) if 0 < size < 1 else int(size)
-    if data.name == "synthetic":
-        count = min(count, n_train // 4)      # synthetic sets are small: at most a quarter goes to validation
+    cap = DATA_SETS[data.name].max_val_fraction       # small generated sets: at most this share goes to validation
+    if cap is not None:
+        count = min(count, int(n_train * cap))
     if count < 0 or count >= n_train:
         raise ReslabError(f"data.val_size {size} leaves no training images of {n_train}", path="data.val_size")
     return count
@@ -304,25 +81,9 @@ def split_indices(n_train: int, n_test: int, data: DataSpec, seed: int) -> Split
     return Split(train.sort().values, order[:n_val].sort().values, test.sort().values)
 
 
-def channel_mean_std(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NCHW images, in 0..1 units."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].to(torch.float64)
-        total += x.sum((0, 2, 3))
-        squares += (x * x).sum((0, 2, 3))
-    count = images.numel() // images.shape[1]
-    mean = total / count
-    std = (squares / count - mean * mean).clamp(min=0).sqrt()
-    return tuple((mean / 255).tolist()), tuple((std / 255).clamp(min=1e-6).tolist())
-
-
 def standard_augment(data: DataSpec) -> str:
     """data.augment, or the data set's standard: crop_flip for the 32x32/28x28 sets, rrc_flip for folders."""
-    if data.augment:
-        return data.augment
-    return {"imagefolder": "rrc_flip", "synthetic": "none"}.get(data.name, "crop_flip")
+    return data.augment or DATA_SETS[data.name].augment
 
 
 # ---------------------------------------------------------------- the Lightning data module
@@ -391,10 +152,10 @@ class ReslabData(pl.LightningDataModule):
         rank, world = self._rank_world()
         device = self._data_device()
         if self._ready_for != (rank, world, device):
-            if self.spec.data.name == "imagefolder":
-                self._setup_folder()
-            else:
+            if DATA_SETS[self.spec.data.name].in_memory:
                 self._setup_arrays(device)
+            else:
+                self._setup_folder()
             self.device, self._ready_for = device, (rank, world, device)
         self.steps_per_epoch = len(self.train_dataloader())
 
@@ -442,7 +203,7 @@ class ReslabData(pl.LightningDataModule):
         train, spec = which == "train", self.spec
         batch = self.batch_size if train else self.eval_batch_size
         limit = spec.train.limit_batches if train else None
-        if spec.data.name != "imagefolder":
+        if DATA_SETS[spec.data.name].in_memory:
             images, labels = self._sets[which]
             epoch_fn = lambda: self.trainer.current_epoch if self.trainer is not None else None  # noqa: E731
             return TensorBatches(images, labels, batch_size=batch, mean=self.mean, std=self.std, train=train,

@@ -8,8 +8,6 @@ the same boxes, so they crop the same regions; their pixels differ only by decod
 from __future__ import annotations
 
 import io
-import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -22,7 +20,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from arches.errors import ReslabError
 
-from .batches import AUGMENT, ORDER, epoch_generator, shard
+from .batches import AUGMENT, ORDER, channel_mean_std, epoch_generator, resized_crop_boxes, shard
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 EVAL_CROP = 0.875   # eval: resize the shorter side to size / 0.875, then take the centre size x size
@@ -45,18 +43,6 @@ def scan(folder: Path, classes: Optional[Sequence[str]] = None) -> tuple[list[tu
 
 
 # ---- crop boxes (no pixels) -----------------------------------------------------------------------------
-def resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Box:
-    """Random box of random area fraction and aspect (Inception-style); the centre square after 10 misses."""
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return (x, y, x + cw, y + ch)
-    return centre_box(w, h, 1.0)
-
-
 def centre_box(w: int, h: int, fraction: float = EVAL_CROP) -> Box:
     """The centre square covering `fraction` of the shorter side."""
     side = min(w, h) * fraction
@@ -64,20 +50,28 @@ def centre_box(w: int, h: int, fraction: float = EVAL_CROP) -> Box:
     return (x, y, x + side, y + side)
 
 
-def random_square_box(w: int, h: int, rng: random.Random) -> Box:
-    """A square of the shorter side at a random place along the longer side."""
+def random_square_box(w: int, h: int, gen: torch.Generator) -> Box:
+    """A square of the shorter side at a random whole-pixel place along the longer side."""
     side = min(w, h)
-    x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+    x, y = (int(torch.randint(0, span + 1, (), generator=gen)) for span in (w - side, h - side))
     return (x, y, x + side, y + side)
 
 
 def plan_crop(w: int, h: int, augment: str, aug_seed: Optional[int]) -> tuple[Box, bool]:
-    """(box, mirror) for one item: the eval centre crop when aug_seed is None or augment is none."""
+    """(box, mirror) for one item: the eval centre crop when aug_seed is None or augment is none; else a
+    random-resized crop (runs.batches.resized_crop_boxes, as in-memory sets get) or a random square, from a
+    generator seeded by aug_seed."""
     if aug_seed is None or augment == "none":
         return centre_box(w, h), False
-    rng = random.Random(aug_seed)
-    box = (resized_crop_box if augment == "rrc_flip" else random_square_box)(w, h, rng)
-    return box, rng.random() < 0.5
+    gen = torch.Generator().manual_seed(aug_seed)
+    if augment == "rrc_flip":               # in whole pixels, as torchvision's RandomResizedCrop
+        left, top, right, bottom = resized_crop_boxes(torch.tensor([[w, h]]), gen)[0].tolist()
+        cw, ch = max(1, round(right - left)), max(1, round(bottom - top))
+        x, y = min(round(left), w - cw), min(round(top), h - ch)
+        box = (x, y, x + cw, y + ch)
+    else:
+        box = random_square_box(w, h, gen)
+    return box, bool(torch.rand((), generator=gen) < 0.5)
 
 
 # ---- the CPU path: Pillow -------------------------------------------------------------------------------
@@ -271,5 +265,4 @@ class ShardSampler(DistributedSampler):
 def channel_stats(data: FolderImages, samples: int, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (0..1 units) over up to `samples` training images, eval-transformed."""
     pick = torch.randperm(len(data), generator=epoch_generator(ORDER, seed, -1))[:samples].tolist()
-    pixels = torch.stack([data.pixels(i, None) for i in pick]).double() / 255
-    return tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
+    return channel_mean_std(torch.stack([data.pixels(i, None) for i in pick]))

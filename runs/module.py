@@ -1,14 +1,14 @@
 """The LightningModule that trains a compiled spec, and the callback that closes each epoch into one row.
 
 Hyperparameters are plain data (the spec as a JSON-style dict), so checkpoints load with
-`torch.load(path, weights_only=True)`. Metrics are torchmetrics objects: under DDP `compute()` syncs them, so
+`torch.load(path, weights_only=True)`; `ReslabModule(spec)` takes a validated Spec (or that dict). Metrics are torchmetrics objects: under DDP `compute()` syncs them, so
 every epoch row covers the whole data set.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from arches import Spec, build_model, spec_from_dict
+from arches.plan import NetworkPlan
 
 from .recipe import build_optimizer, build_scheduler
 
@@ -40,11 +41,11 @@ class NonFiniteLoss(RuntimeError):
 class ReslabModule(pl.LightningModule):
     """Cross-entropy training of `build_model(spec)` with the spec's optimizer, schedule and metrics."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: Union[Spec, dict], plan: Optional[NetworkPlan] = None):
         super().__init__()
-        self.save_hyperparameters({"spec": spec})
-        self.spec: Spec = spec_from_dict(spec)
-        self.model = build_model(self.spec)
+        self.spec: Spec = spec if isinstance(spec, Spec) else spec_from_dict(spec)
+        self.save_hyperparameters({"spec": self.spec.model_dump(mode="json") if isinstance(spec, Spec) else spec})
+        self.model = build_model(self.spec, plan)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
         classes = self.spec.classes
         # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'

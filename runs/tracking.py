@@ -1,41 +1,45 @@
-"""MLflow recording of one run: the store, experiments, run creation, params/tags, per-epoch metrics.
+"""reslab's one gateway to MLflow: stores, experiments, runs, params, tags, metrics, artifacts, and the names
+and limits they follow. Runs, studies (search.recording) and diagnostics (diagnose.record) all write here.
 
 Default store: `sqlite:///<abs output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`. Only global
-rank 0 talks to MLflow. Metrics are logged with step = epoch number (1 = after the first epoch).
+rank 0 talks to MLflow. Per-epoch metrics are logged with step = epoch number (1 = after the first epoch).
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from arches import Spec, diff_from_base, spec_hash
+from arches import Complexity, Spec, diff_from_base, spec_hash
 from arches.errors import ReslabError, first_line
 from arches.spec import flatten
+
+from .quiet import quiet
 
 MAX_KEY = 250                  # MLflow limits: param/metric key length,
 MAX_PARAM_VALUE = 6000         # param value length,
 MAX_TAG_VALUE = 8000           # tag value length,
-BATCH = 100                    # params/tags per log_batch call
+BATCH = 100                    # params or tags per log_batch call,
+METRIC_BATCH = 1000            # metrics per log_batch call
 METRIC_KEYS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "lr",
                "images_per_s")
 TEST_KEYS = ("test/loss", "test/acc", "test/error")
+STATE_TAG = "state"            # how a run ended, in reslab's words: FINISHED | FAILED | INTERRUPTED | PRUNED |
+FAILURE_TAG = "failure_reason"  # COMPLETE (a study's trial); and why, when it failed
 ROOT = Path(__file__).resolve().parents[1]
-
-for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.system_metrics"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+MetricKey = Union[str, Sequence[str]]
 
 
+# ---- stores and experiments -----------------------------------------------------------------------------
 def default_tracking_uri(output_dir: str | Path = "outputs") -> str:
     """sqlite:///<abs output_dir>/mlflow.db (the folder is created)."""
     out = Path(output_dir).expanduser().resolve()
@@ -93,8 +97,9 @@ def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") 
     if problem:
         raise ReslabError(f"cannot reach MLflow store {uri}: {problem}", file="--tracking-uri")
     try:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
+        with quiet():                      # opening a new store logs its table creation at INFO
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001  (any store failure is a bad --tracking-uri)
         first = first_line(e) or type(e).__name__
         raise ReslabError(f"cannot open MLflow store {uri}: {first}", file="--tracking-uri") from None
@@ -125,6 +130,81 @@ def ensure_experiment(client: MlflowClient, name: str, output_dir: str | Path = 
         return found.experiment_id
 
 
+# ---- names and values ------------------------------------------------------------------------------------
+def legal_key(*parts: str) -> str:
+    """An MLflow-legal param or metric name: parts joined by '/', characters MLflow refuses replaced by '_', cut to
+    MAX_KEY. MLflow allows letters, digits, '_', '-', '.', ' ', ':' and '/'."""
+    return "/".join(re.sub(r"[^\w\-. :/]", "_", str(p)) for p in parts)[:MAX_KEY]
+
+
+def _params(values: dict[str, Any]) -> list[Param]:
+    return [Param(k[:MAX_KEY], ("" if v is None else str(v))[:MAX_PARAM_VALUE]) for k, v in values.items()]
+
+
+def _tags(values: dict[str, Any]) -> list[RunTag]:
+    return [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in values.items()]
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def create_run(client: MlflowClient, experiment_id: str, name: str, tags: Optional[dict[str, Any]] = None,
+               parent_run_id: Optional[str] = None) -> str:
+    """A new RUNNING run (nested under parent_run_id when given); returns its id."""
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()}).info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, values: Union[dict[str, Any], list[Param]],
+               skip_existing: bool = False) -> None:
+    """Params ({key: value}, cut to MLflow's limits, or Params); skip_existing: leave the run's own alone."""
+    params = _params(values) if isinstance(values, dict) else list(values)
+    if skip_existing:
+        existing = client.get_run(run_id).data.params
+        params = [p for p in params if p.key not in existing]
+    for chunk in _chunks(params, BATCH):
+        client.log_batch(run_id, params=chunk)
+
+
+def set_tags(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+    """Tags, values cut to MLflow's limit."""
+    for chunk in _chunks(_tags(values), BATCH):
+        client.log_batch(run_id, tags=chunk)
+
+
+def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
+    """One set of metrics at one step (the key 'epoch', non-numeric and NaN values skipped)."""
+    log_metric_rows(client, run_id, [(k, v, step) for k, v in values.items()
+                                     if k != "epoch" and isinstance(v, (int, float)) and float(v) == float(v)])
+
+
+def log_metric_rows(client: MlflowClient, run_id: str, rows: Iterable[tuple[MetricKey, float, int]]) -> None:
+    """(key, value, step) rows; a key given as parts is joined by legal_key."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(legal_key(*k) if isinstance(k, (tuple, list)) else k[:MAX_KEY], float(v), now, int(step))
+               for k, v, step in rows]
+    for chunk in _chunks(metrics, METRIC_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def log_files(client: MlflowClient, run_id: str, files: Iterable[Path], folder: Optional[str] = None) -> None:
+    """Existing files as artifacts (under `folder`)."""
+    for f in files:
+        if Path(f).is_file():
+            client.log_artifact(run_id, str(f), artifact_path=folder)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, tags: Optional[dict[str, Any]] = None) -> None:
+    """Set the closing tags, then end the run with an MLflow status (FINISHED | FAILED | KILLED)."""
+    set_tags(client, run_id, tags or {})
+    client.set_terminated(run_id, status=status)
+
+
 def git_commit(cwd: Path = ROOT) -> Optional[str]:
     """HEAD's commit hash of the repository holding reslab, or None."""
     try:
@@ -140,18 +220,18 @@ def compact_diff(diff: dict[str, tuple[Any, Any]]) -> str:
 
 
 def spec_params(spec: Spec) -> list[Param]:
-    """The resolved spec flattened to dotted params, values cut to MLflow's limit."""
-    flat = flatten(spec.model_dump(mode="json"))
-    return [Param(k[:MAX_KEY], ("" if v is None else str(v))[:MAX_PARAM_VALUE]) for k, v in flat.items()]
+    """The resolved spec flattened to dotted params, keys and values cut to MLflow's limits."""
+    return _params(flatten(spec.model_dump(mode="json")))
 
 
-def spec_tags(spec: Spec, block_types: Iterable[str], params: int, macs: int) -> dict[str, str]:
-    """Tags that identify a run: spec, block, shortcut, hash, diff from base, size, git commit."""
-    tags = {"spec": spec.name, "block": ",".join(sorted(set(block_types))), "shortcut": spec.block.shortcut,
-            "data": spec.data.name, "spec_hash": spec_hash(spec), "params": str(params), "macs": str(macs)}
+def spec_tags(spec: Spec, cost: Complexity) -> dict[str, str]:
+    """Tags that identify a run: spec, block types, shortcut, hash, diff from base, size, git commit."""
+    tags = {"spec": spec.name, "block": ",".join(sorted({row.kind for row in cost.blocks})),
+            "shortcut": spec.block.shortcut, "data": spec.data.name, "spec_hash": spec_hash(spec),
+            "params": str(cost.params), "macs": str(cost.macs)}
     diff = diff_from_base(spec)
     if diff:
-        tags["diff"] = compact_diff(diff)[:MAX_TAG_VALUE]
+        tags["diff"] = compact_diff(diff)
     source = getattr(spec, "_source", None)
     if source is not None and getattr(source, "file", None):
         tags["spec_file"] = str(source.file)
@@ -162,24 +242,7 @@ def spec_tags(spec: Spec, block_types: Iterable[str], params: int, macs: int) ->
     return tags
 
 
-def log_params_and_tags(client: MlflowClient, run_id: str, params: list[Param], tags: dict[str, str]) -> None:
-    """log_batch in chunks of BATCH."""
-    for i in range(0, len(params), BATCH):
-        client.log_batch(run_id, params=params[i:i + BATCH])
-    items = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
-    for i in range(0, len(items), BATCH):
-        client.log_batch(run_id, tags=items[i:i + BATCH])
-
-
-def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
-    """One batch of metrics at one step (non-numeric and NaN values skipped)."""
-    now = int(time.time() * 1000)
-    metrics = [Metric(k[:MAX_KEY], float(v), now, int(step)) for k, v in values.items()
-               if isinstance(v, (int, float)) and k != "epoch" and float(v) == float(v)]
-    if metrics:
-        client.log_batch(run_id, metrics=metrics)
-
-
+# ---- reading ---------------------------------------------------------------------------------------------
 def read_history(client: MlflowClient, run_id: str, keys: Iterable[str] = METRIC_KEYS) -> list[dict]:
     """The run's per-epoch rows, rebuilt from MLflow's metric histories (last value per step wins)."""
     rows: dict[int, dict] = {}
@@ -189,6 +252,30 @@ def read_history(client: MlflowClient, run_id: str, keys: Iterable[str] = METRIC
     return [rows[s] for s in sorted(rows)]
 
 
+def run_exists(client: MlflowClient, run_id: Optional[str]) -> bool:
+    """Whether the store has this run, not deleted."""
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage == "active"
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """Every run nested under the parent (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+# ---- system metrics and the per-epoch recorder -----------------------------------------------------------
 def start_system_metrics(run_id: str, tracking_uri: str, resume: bool = False) -> Any:
     """MLflow's system-metrics monitor on this run (needs psutil); None when off or unavailable.
 

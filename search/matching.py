@@ -82,7 +82,7 @@ def match_arms(plan, known: Optional[dict[str, float]] = None) -> dict[str, floa
         base = plan.build(arm.settings)
 
         def make(m: float, _arm=arm) -> Spec:
-            return plan.build(_arm.settings + [_setting("width_multiplier", m)])
+            return plan.build(_arm.settings, width_multiplier=m)
 
         try:
             m, _ = match_multiplier(make, target, match.by, match.tolerance, start=base.width_multiplier)
@@ -92,7 +92,3 @@ def match_arms(plan, known: Optional[dict[str, float]] = None) -> dict[str, floa
         chosen[arm.name] = m
     return chosen
 
-
-def _setting(key: str, value):
-    from .space import Setting
-    return Setting(key, value, "<match>", None)

@@ -19,17 +19,16 @@ import optuna
 import pytorch_lightning as pl
 import torch
 
-from arches import Spec, build_model, complexity
+from arches import Complexity, Spec, build_model, complexity
 from arches.errors import ReslabError, SpecError, first_line
+from runs import tracking
+from runs.checkpoint import LAST, checkpoint_dir
+from runs.fit import Interrupted, Pruned, train, uses_cuda
 
-from . import recording
+from . import keys, recording
 from .space import StudyPlan
+from .trials import TrialRecord
 
-FINAL_OUTCOMES = ("complete", "pruned", "diverged", "invalid")   # a result: never run again
-OUTCOME = "reslab.outcome"
-REASON = "reslab.reason"
-RETRY_OF = "reslab.retry_of"
-ATTEMPT = "reslab.attempt"
 LATENCY_REPEATS = 20
 
 
@@ -64,8 +63,6 @@ class PruningCallback(pl.Callback):
         self.trial, self.metric = trial, metric
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from runs.fit import Pruned
-
         history = getattr(pl_module, "history", None)
         if not history or self.metric not in history[-1]:
             return
@@ -80,8 +77,6 @@ class PruningCallback(pl.Callback):
 
 def measure_latency(spec: Spec, batch: int = 1, repeats: int = LATENCY_REPEATS) -> float:
     """Median milliseconds of one forward pass of `batch` images (eval mode) on the device the run would use."""
-    from runs.fit import uses_cuda
-
     device = torch.device("cuda" if uses_cuda(spec) else "cpu")
     model = build_model(spec).to(device).eval()
     x = torch.randn(batch, spec.input.channels, spec.input.size, spec.input.size, device=device)
@@ -99,9 +94,9 @@ def measure_latency(spec: Spec, batch: int = 1, repeats: int = LATENCY_REPEATS) 
     return statistics.median(times)
 
 
-def costs(spec: Spec, latency: bool = False) -> dict[str, float]:
-    """params and MACs (meta device), and the measured latency when asked."""
-    c = complexity(spec)
+def costs(spec: Spec, latency: bool = False, cost: Optional[Complexity] = None) -> dict[str, float]:
+    """params and MACs (of `cost`, else measured on the meta device), and the measured latency when asked."""
+    c = cost or complexity(spec)
     out = {"params": float(c.params), "macs": float(c.macs)}
     if latency:
         out["latency_ms"] = measure_latency(spec)
@@ -129,14 +124,12 @@ def ablation_cell(trial: optuna.Trial, plan: StudyPlan) -> tuple[str, int]:
 
 def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[str]:
     """The MLflow run of the attempt this trial retries, when it left a checkpoint here to resume from."""
-    from runs.checkpoint import LAST, checkpoint_dir
-
-    before = trial.user_attrs.get(RETRY_OF)
+    before = TrialRecord.of(trial).retry_of
     if before is None:
         return None
     runs = recording.trial_runs(ctx.client, ctx.experiment_id, ctx.parent_run_id).get(int(before), [])
     for run in runs:
-        if run.info.status in ("RUNNING", "KILLED") and run.data.tags.get("state") != "PRUNED":
+        if run.info.status in ("RUNNING", "KILLED") and run.data.tags.get(tracking.STATE_TAG) != "PRUNED":
             if (checkpoint_dir(ctx.output_dir, run.info.run_id) / LAST).exists():
                 return run.info.run_id
             if run.info.status == "RUNNING":    # its worker died before any checkpoint: close it
@@ -147,8 +140,6 @@ def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[str]:
 
 def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     """Build, train and judge one trial. Raises ReslabError (bad data, store) and KeyboardInterrupt only."""
-    from runs.fit import Interrupted, Pruned, train
-
     plan = ctx.plan
     if plan.kind == "ablation":
         arm, seed = ablation_cell(trial, plan)
@@ -156,8 +147,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         values: dict[str, Any] = {"arm": arm, "seed": seed, **plan.arm(arm).labels}
         if plan.arm(arm).width_multiplier is not None:
             values["width_multiplier"] = plan.arm(arm).width_multiplier
-        trial.set_user_attr("reslab.arm", arm)
-        trial.set_user_attr("reslab.seed", seed)
+        TrialRecord.put(trial, arm=arm, seed=seed)
         run_name = f"{arm} seed {seed}"
         tags = {"arm": arm, "seed": str(seed)}
     else:
@@ -165,35 +155,33 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         try:
             spec = plan.search_spec(values)
         except SpecError as e:
-            return Outcome(optuna.trial.TrialState.FAIL, "invalid", reason=str(e))
+            return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
         run_name = f"trial {trial.number}"
         tags = {}
-    tags.update({recording.STUDY_TAG: plan.name, recording.ROLE_TAG: "trial",
-                 recording.TRIAL_TAG: str(trial.number)})
-    cost = costs(spec, latency=any(m.name == "latency_ms" for m in plan.metrics))
-    trial.set_user_attr("reslab.cost", cost)
-    trial.set_user_attr("reslab.width_multiplier", spec.width_multiplier)
+    tags.update({keys.STUDY_TAG: plan.name, keys.ROLE_TAG: "trial",
+                 keys.TRIAL_TAG: str(trial.number)})
+    complexity_ = complexity(spec)                       # once: the costs and the run's records share it
+    cost = costs(spec, latency=any(m.name == "latency_ms" for m in plan.metrics), cost=complexity_)
+    TrialRecord.put(trial, cost=cost, width_multiplier=spec.width_multiplier)
     callbacks = []
     if plan.kind == "search" and plan.pruner is not None and plan.pruner.type != "none":
         callbacks.append(PruningCallback(trial, plan.pruner.metric))
 
     resume = _previous_run(ctx, trial)
     if resume:
-        ctx.client.set_tag(resume, recording.TRIAL_TAG, str(trial.number))
+        ctx.client.set_tag(resume, keys.TRIAL_TAG, str(trial.number))
     try:
         result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
                        run_name=run_name, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=callbacks,
-                       resume=resume, output_dir=ctx.output_dir, progress=ctx.progress)
+                       resume=resume, output_dir=ctx.output_dir, progress=ctx.progress, cost=complexity_)
     except Pruned as e:
         run_id = _run_of(ctx, trial.number)
         if run_id:
             recording.mark_child(ctx.client, run_id, "PRUNED", values)
-        return Outcome(optuna.trial.TrialState.PRUNED, "pruned", reason=str(e), run_id=run_id)
+        return Outcome(optuna.trial.TrialState.PRUNED, keys.PRUNED, reason=str(e), run_id=run_id)
     except (Interrupted, KeyboardInterrupt) as e:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):   # (already failed as stale)
-            trial.set_user_attr(OUTCOME, "interrupted")
-            if isinstance(e, Interrupted):
-                trial.set_user_attr("reslab.run_id", e.run_id)
+            TrialRecord.put(trial, outcome=keys.INTERRUPTED, run_id=e.run_id if isinstance(e, Interrupted) else None)
         raise
     except ReslabError:
         raise
@@ -202,21 +190,21 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         run_id = _run_of(ctx, trial.number)
         if run_id:
             recording.mark_child(ctx.client, run_id, "FAILED", values, reason=reason)
-        return Outcome(optuna.trial.TrialState.FAIL, "error", reason=reason, run_id=run_id)
+        return Outcome(optuna.trial.TrialState.FAIL, keys.ERROR, reason=reason, run_id=run_id)
 
     metrics = {**result.metrics, **cost}
     if result.status != "FINISHED":
         recording.mark_child(ctx.client, result.run_id, "FAILED", values, reason=result.reason)
-        return Outcome(optuna.trial.TrialState.FAIL, "diverged", reason=result.reason, metrics=metrics,
+        return Outcome(optuna.trial.TrialState.FAIL, keys.DIVERGED, reason=result.reason, metrics=metrics,
                        run_id=result.run_id)
     missing = [m.name for m in plan.objectives if not _finite(metrics.get(m.name))]
     if missing:
         reason = f"{missing[0]} was not recorded (a validation metric needs data.val_size > 0)"
         recording.mark_child(ctx.client, result.run_id, "FAILED", values, reason=reason)
-        return Outcome(optuna.trial.TrialState.FAIL, "invalid", reason=reason, metrics=metrics,
+        return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=reason, metrics=metrics,
                        run_id=result.run_id)
     recording.mark_child(ctx.client, result.run_id, "COMPLETE", values)
-    return Outcome(optuna.trial.TrialState.COMPLETE, "complete",
+    return Outcome(optuna.trial.TrialState.COMPLETE, keys.COMPLETE,
                    values=[float(metrics[m.name]) for m in plan.objectives], metrics=metrics, run_id=result.run_id)
 
 
@@ -230,12 +218,7 @@ def _run_of(ctx: TrialContext, number: int) -> Optional[str]:
 
 
 def record(trial: optuna.Trial, outcome: Outcome) -> None:
-    """Store the outcome on the trial (user attrs) before it is told to Optuna."""
-    trial.set_user_attr(OUTCOME, outcome.outcome)
-    if outcome.reason:
-        trial.set_user_attr(REASON, outcome.reason[:2000])
-    if outcome.metrics:
-        trial.set_user_attr("reslab.metrics", {k: v for k, v in outcome.metrics.items() if _finite(v)})
-    if outcome.run_id:
-        trial.set_user_attr("reslab.run_id", outcome.run_id)
+    """Store the outcome on the trial (its TrialRecord) before it is told to Optuna."""
+    TrialRecord.put(trial, outcome=outcome.outcome, reason=outcome.reason or None, run_id=outcome.run_id,
+                    metrics={k: v for k, v in outcome.metrics.items() if _finite(v)} if outcome.metrics else None)
 

@@ -20,13 +20,14 @@ from rich.console import Console
 from rich.table import Table
 
 from arches.errors import ReslabError, did_you_mean
-from runs.tracking import read_history
+from arches.report import human
+from runs import tracking
 
-from . import plots, recording
-from .objective import OUTCOME, REASON, RETRY_OF
+from . import keys, plots, recording
+from .space import study_name_of
 from .stats import compare_arms, describe
-from .study import META, PARENT
-from .storage import open_storage, shown
+from .storage import default_storage, open_storage, shown, with_driver
+from .trials import TrialRecord
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
@@ -48,19 +49,19 @@ def _clean(obj: Any) -> Any:
 def _state_counts(trials: list) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in trials:
-        name = "discarded" if t.user_attrs.get(OUTCOME) == "discarded" else t.state.name.lower()
+        name = keys.DISCARDED if TrialRecord.of(t).outcome == keys.DISCARDED else t.state.name.lower()
         counts[name] = counts.get(name, 0) + 1
     return counts
 
 
 def summarize(study: optuna.Study) -> dict:
     """Everything a report shows, as plain data (NaN as None)."""
-    meta = study.user_attrs.get(META)
+    meta = study.user_attrs.get(keys.META)
     if not meta:
         raise ReslabError(f"study '{study.study_name}' was not made by reslab (no definition stored)")
     trials = study.get_trials(deepcopy=False)
     out: dict[str, Any] = {"study": study.study_name, "kind": meta["kind"], "file": meta.get("file"),
-                           "parent_run_id": study.user_attrs.get(PARENT), "metrics": meta["metrics"],
+                           "parent_run_id": study.user_attrs.get(keys.PARENT), "metrics": meta["metrics"],
                            "trials": _state_counts(trials)}
     if meta["kind"] == "ablation":
         out.update(_ablation(meta, trials))
@@ -80,22 +81,20 @@ def _ablation(meta: dict, trials: list) -> dict:
         arm, seed = t.params.get("arm"), t.params.get("seed")
         if arm not in info:
             continue
-        row = info[arm]
-        cost = t.user_attrs.get("reslab.cost") or {}
-        row["params"], row["macs"] = cost.get("params", row["params"]), cost.get("macs", row["macs"])
-        if t.user_attrs.get("reslab.width_multiplier") is not None:
-            row["width_multiplier"] = t.user_attrs["reslab.width_multiplier"]
+        row, rec = info[arm], TrialRecord.of(t)
+        row["params"], row["macs"] = rec.cost.get("params", row["params"]), rec.cost.get("macs", row["macs"])
+        if rec.width_multiplier is not None:
+            row["width_multiplier"] = rec.width_multiplier
         if t.state == TrialState.COMPLETE:
             if seed in row["complete"]:
                 row["duplicates"] += 1
                 continue
             row["complete"].append(seed)
-            metrics = t.user_attrs.get("reslab.metrics", {})
             for m in values:
-                if m in metrics:
-                    values[m][arm][seed] = float(metrics[m])
-        elif t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) in ("diverged", "invalid"):
-            row["failed"].append({"seed": seed, "trial": t.number, "reason": t.user_attrs.get(REASON, "")})
+                if m in rec.metrics:
+                    values[m][arm][seed] = float(rec.metrics[m])
+        elif t.state == TrialState.FAIL and rec.outcome in (keys.DIVERGED, keys.INVALID):
+            row["failed"].append({"seed": seed, "trial": t.number, "reason": rec.reason or ""})
         elif t.state == TrialState.RUNNING:
             row["running"].append(seed)
     references = {a: arms[a]["reference"] for a in arms}
@@ -124,12 +123,13 @@ def _pivot(meta: dict, values: dict[str, dict[int, float]], metric: str, rows: s
 def _search(study: optuna.Study, meta: dict, trials: list) -> dict:
     names = [m["name"] for m in meta["metrics"]]
     rows = []
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    records = {t.number: TrialRecord.of(t) for t in trials}
+    retried = {rec.retry_of for rec in records.values()}
     for t in trials:
-        rows.append({"number": t.number, "state": t.state.name, "outcome": t.user_attrs.get(OUTCOME),
+        rec = records[t.number]
+        rows.append({"number": t.number, "state": t.state.name, "outcome": rec.outcome,
                      "params": t.params, "values": list(t.values) if t.values else None,
-                     "reason": t.user_attrs.get(REASON), "retried": t.number in retried,
-                     "metrics": t.user_attrs.get("reslab.metrics", {})})
+                     "reason": rec.reason, "retried": t.number in retried, "metrics": rec.metrics})
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best: list[int] = []
     if complete:
@@ -160,7 +160,6 @@ def fmt(metric: str, v: Optional[float], sign: bool = False) -> str:
     if _percent(metric):
         return f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}"
     if metric in ("params", "macs"):
-        from arches.report import human
         return ("+" if sign and v > 0 else "") + human(int(v))
     return f"{v:+.4g}" if sign else f"{v:.4g}"
 
@@ -365,10 +364,10 @@ def arm_histories(study: optuna.Study, client: Any) -> dict[str, list[dict[int, 
     """arm -> per seed {epoch: {train/error, val/error}} from the child runs' metric histories."""
     out: dict[str, list] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        run_id = t.user_attrs.get("reslab.run_id")
+        run_id = TrialRecord.of(t).run_id
         if not run_id:
             continue
-        rows = read_history(client, run_id, ("train/error", "val/error"))
+        rows = tracking.read_history(client, run_id, ("train/error", "val/error"))
         out.setdefault(t.params["arm"], []).append({row.pop("epoch"): row for row in rows})
     return out
 
@@ -376,14 +375,14 @@ def arm_histories(study: optuna.Study, client: Any) -> dict[str, list[dict[int, 
 # ---- after a run, and the `report` command ---------------------------------------------------------------
 def close_dead_children(study: optuna.Study, client: Any) -> int:
     """Child runs of trials whose worker died (FAIL, no outcome) still say RUNNING: end them FAILED."""
-    parent = study.user_attrs.get(PARENT)
+    parent = study.user_attrs.get(keys.PARENT)
     if not parent or client is None:
         return 0
     experiment_id = client.get_run(parent).info.experiment_id
     runs = recording.trial_runs(client, experiment_id, parent)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if t.user_attrs.get(OUTCOME):
+        if TrialRecord.of(t).outcome:
             continue
         for run in runs.get(t.number, []):
             if run.info.status == "RUNNING":
@@ -406,11 +405,11 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
     study = optuna.load_study(study_name=name, storage=storage)
     summary = summarize(study)
     close_dead_children(study, client)
-    parent = study.user_attrs.get(PARENT)
+    parent = study.user_attrs.get(keys.PARENT)
     with tempfile.TemporaryDirectory(prefix="reslab-report-") as tmp:
         files = write_files(summary, study, client, Path(folder or tmp))
         if parent:
-            recording.log_files(client, parent, files, "results")
+            tracking.log_files(client, parent, files, "results")
     if parent:
         _log_parent_metrics(client, parent, summary)
         if interrupted:
@@ -421,28 +420,18 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
 
 
 def _log_parent_metrics(client: Any, run_id: str, summary: dict) -> None:
-    from mlflow.entities import Metric
-    import time
-
-    now = int(time.time() * 1000)
-    metrics = []
+    """Per-arm mean and std of every metric, and trial counts by state, on the study's parent run."""
+    rows = []
     if summary["kind"] == "ablation":
-        for metric, rows in summary["results"].items():
-            for s in rows:
-                if s["mean"] is not None:
-                    metrics.append(Metric(recording.metric_key(s["arm"], metric, "mean"), s["mean"], now, 0))
-                if s["std"] is not None:
-                    metrics.append(Metric(recording.metric_key(s["arm"], metric, "std"), s["std"], now, 0))
-    for state, n in summary["trials"].items():
-        metrics.append(Metric(f"trials/{state}", float(n), now, 0))
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
+        for metric, arms in summary["results"].items():
+            for s in arms:
+                rows += [((s["arm"], metric, stat), s[stat], 0) for stat in ("mean", "std") if s[stat] is not None]
+    rows += [(("trials", state), float(n), 0) for state, n in summary["trials"].items()]
+    tracking.log_metric_rows(client, run_id, rows)
 
 
 def load_study_by_ref(ref: str, storage_url: str) -> optuna.Study:
     """The study named `ref` (or named by the ablation/search file `ref`); one-line error when missing."""
-    from .space import study_name_of
-
     name = study_name_of(ref)
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).expanduser().exists():
         raise ReslabError(f"no study storage at {storage_url} (run an ablation or search first, or give "
@@ -458,8 +447,6 @@ def load_study_by_ref(ref: str, storage_url: str) -> optuna.Study:
 def report_study(ref: str, storage: Optional[str] = None, output_dir: str = "outputs",
                  tracking_uri: Optional[str] = None) -> dict:
     """The summary of a stored study (by name or by its ablation/search file), with where its MLflow records are."""
-    from .storage import default_storage, with_driver
-
     study = load_study_by_ref(ref, with_driver(storage or default_storage(output_dir)))
     summary = summarize(study)
     if tracking_uri is None:

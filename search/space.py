@@ -33,6 +33,8 @@ from arches.errors import ReslabError, SpecError, did_you_mean
 from arches.spec import (Override, Source, build_document, display_path, parse_override, read_yaml, set_path,
                          validation_error)
 
+from .matching import match_arms
+
 # Final metrics of a training run (runs.fit) and cost figures reslab measures itself.
 RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "test/loss",
                "test/acc", "test/error", "lr", "images_per_s")
@@ -202,10 +204,7 @@ class StudyPlan:
     def arm_spec(self, arm: str, seed: int) -> Spec:
         """The spec of one ablation cell."""
         a = self.arm(arm)
-        extra = [Setting("train.seed", seed, "<seed>", None)]
-        if a.width_multiplier is not None:
-            extra.append(Setting("width_multiplier", a.width_multiplier, "<match>", None))
-        return self.build(a.settings + extra)
+        return self.build(a.settings + [Setting("train.seed", seed, "<seed>", None)], a.width_multiplier)
 
     def search_spec(self, values: dict[str, Any]) -> Spec:
         """The spec of one search trial from its sampled values (Optuna params)."""
@@ -218,11 +217,13 @@ class StudyPlan:
                 settings.append(Setting(dim.key, value, str(self.file), dim.line))
         return self.build(settings)
 
-    def build(self, settings: Iterable[Setting]) -> Spec:
-        """The base document with these settings applied, validated into a Spec (errors point at them)."""
+    def build(self, settings: Iterable[Setting], width_multiplier: Optional[float] = None) -> Spec:
+        """The base document with these settings applied (and a compute-matched width_multiplier last),
+        validated into a Spec (errors point at the settings)."""
         data = copy.deepcopy(self.document)
         source = copy.deepcopy(self.source)
-        for s in settings:
+        match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
+        for s in [*settings, *match]:
             apply_setting(data, source, s)
         return spec_from_dict(data, source)
 
@@ -565,7 +566,6 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
             if any(s.key == "width_multiplier" for a in plan.arms for s in a.settings):
                 raise where.error("a compute-matched ablation chooses width_multiplier itself; do not set it in "
                                   "an arm", "ablation", "match")
-            from .matching import match_arms
             match_arms(plan, known=match_multipliers)
     else:
         s = doc.search

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import stats
@@ -42,13 +42,29 @@ class ArmStats:
         return d
 
 
-def describe(values: list[float]) -> tuple[int, float, float]:
+def describe(values: Sequence[float]) -> tuple[int, float, float]:
     """n, mean, sample std (NaN when undefined)."""
     a = np.asarray(values, dtype=float)
     n = len(a)
     mean = float(a.mean()) if n else math.nan
     std = float(a.std(ddof=1)) if n >= 2 else math.nan
     return n, mean, std
+
+
+@dataclass(frozen=True)
+class Summary:
+    """n, mean and sample std of one quantity over seeds (describe's figures); std is None when n < 2."""
+    n: int
+    mean: float
+    std: Optional[float]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Summary":
+        n, mean, std = describe(values)
+        return cls(n, mean, std if n >= 2 else None)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f}" + (f" ± {self.std:.3f}" if self.std is not None else "")
 
 
 def compare(arm: dict[int, float], reference: dict[int, float]) -> Optional[Comparison]:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -23,21 +24,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from arches.errors import ReslabError
 
-from . import recording
-from .objective import ATTEMPT, FINAL_OUTCOMES, OUTCOME, RETRY_OF, TrialContext, ablation_cell, record, run_trial
+from runs import tracking
+from runs.quiet import quiet
+from runs.tracking import client_for, default_tracking_uri, ensure_experiment
+
+from . import keys, recording
+from .objective import TrialContext, ablation_cell, record, run_trial
+from .report import finalize
 from .space import StudyPlan, load_study_file
 from .storage import default_storage, open_storage, shown, study_lock, with_driver
+from .trials import TrialRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-FINGERPRINT, META, PARENT, KIND, TEXT, BASE_TEXT = ("reslab.fingerprint", "reslab.meta", "reslab.parent_run_id",
-                                                    "reslab.kind", "reslab.file_text", "reslab.base_text")
 RUN, WAIT, STOP = "run", "wait", "stop"
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @dataclass
@@ -57,8 +61,6 @@ class StudyOptions:
     kind: Optional[str] = None               # ablation | search: what the command expects
 
     def resolved(self) -> "StudyOptions":
-        from runs.tracking import default_tracking_uri
-
         out = Path(self.output_dir).expanduser().resolve()
         return StudyOptions(**{**asdict(self), "output_dir": str(out),
                                "storage": with_driver(self.storage or default_storage(out)),
@@ -69,17 +71,17 @@ class StudyOptions:
 def _params(t: optuna.trial.FrozenTrial) -> dict:
     """The values a trial stands for: its queued values when it was enqueued (a running trial's own params fill
     in one suggest at a time, so half-way they name no cell), else what it sampled."""
-    return dict(t.system_attrs.get("fixed_params") or t.params)
+    return dict(t.system_attrs.get(keys.QUEUED) or t.params)
 
 
 def _final(t: optuna.trial.FrozenTrial) -> bool:
     return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or \
-        (t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) in FINAL_OUTCOMES)
+        (t.state == TrialState.FAIL and TrialRecord.of(t).final)
 
 
 def _counts_as_attempt(t: optuna.trial.FrozenTrial) -> bool:
     """A FAIL that is not a result: the worker died (no outcome) or the trial raised an error."""
-    return t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) in (None, "error")
+    return t.state == TrialState.FAIL and TrialRecord.of(t).retryable_failure
 
 
 def fixed_cells(plan: StudyPlan) -> Optional[list[dict]]:
@@ -121,10 +123,10 @@ def enqueue_missing(study: optuna.Study, plan: StudyPlan) -> int:
     for cell in cell_status(plan, study.get_trials(deepcopy=False)).values():
         if cell["done"] or cell["active"] or cell["attempts"] >= plan.max_attempts:
             continue
-        attrs = {ATTEMPT: cell["attempts"] + 1}
+        attrs = {keys.ATTEMPT: cell["attempts"] + 1}
         failed = [t for t in cell["trials"] if t.state == TrialState.FAIL]
         if failed:
-            attrs[RETRY_OF] = failed[-1].number
+            attrs[keys.RETRY_OF] = failed[-1].number
         study.enqueue_trial(cell["params"], user_attrs=attrs)
         n += 1
     return n
@@ -133,24 +135,25 @@ def enqueue_missing(study: optuna.Study, plan: StudyPlan) -> int:
 def enqueue_retries(study: optuna.Study, plan: StudyPlan) -> int:
     """Search: re-enqueue the values of trials that died or raised, up to max_attempts per chain."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    retried = {TrialRecord.of(t).retry_of for t in trials}
     n = 0
     for t in trials:
-        if t.state != TrialState.FAIL or t.user_attrs.get(OUTCOME) in FINAL_OUTCOMES or t.number in retried:
+        rec = TrialRecord.of(t)
+        if t.state != TrialState.FAIL or rec.final or t.number in retried:
             continue
-        attempt = int(t.user_attrs.get(ATTEMPT, 1))
-        if t.user_attrs.get(OUTCOME) == "interrupted":
+        attempt = int(rec.attempt or 1)
+        if rec.outcome == keys.INTERRUPTED:
             attempt -= 1                      # a Ctrl-C is not the trial's fault
         if attempt >= plan.max_attempts or not _params(t):
             continue
-        study.enqueue_trial(_params(t), user_attrs={RETRY_OF: t.number, ATTEMPT: attempt + 1})
+        study.enqueue_trial(_params(t), user_attrs={keys.RETRY_OF: t.number, keys.ATTEMPT: attempt + 1})
         n += 1
     return n
 
 
 def search_used(plan: StudyPlan, trials: list) -> int:
     """Trials that count against the budget: results, given-up attempts, and those waiting or running."""
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    retried = {TrialRecord.of(t).retry_of for t in trials}
     used = 0
     for t in trials:
         if _final(t) or t.state in (TrialState.WAITING, TrialState.RUNNING):
@@ -208,11 +211,9 @@ class Prepared:
 def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
     """Create (or load and check) the Optuna study and its MLflow parent run, once, under the lock (which
     also keeps two processes from initialising a new MLflow database at the same time)."""
-    from runs.tracking import client_for, ensure_experiment
-
     fingerprint = plan.fingerprint()
     experiment = recording.experiment_name(plan.kind, plan.name)
-    with study_lock(storage, plan.name):
+    with quiet(), study_lock(storage, plan.name):
         client = client_for(opts.tracking_uri, opts.output_dir)
         created = False
         try:
@@ -222,25 +223,25 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
                                         directions=[m.goal for m in plan.objectives])
             created = True
         attrs = study.user_attrs
-        if attrs.get(FINGERPRINT, fingerprint) != fingerprint:
+        if attrs.get(keys.FINGERPRINT, fingerprint) != fingerprint:
             raise ReslabError(f"study '{plan.name}' in {shown(opts.storage)} was made from another definition "
                               f"(the file, its base spec or --set changed); run it under a new name with --study "
                               f"NAME", file=str(plan.file))
-        if created or FINGERPRINT not in attrs:
-            study.set_user_attr(FINGERPRINT, fingerprint)
-            study.set_user_attr(KIND, plan.kind)
-            study.set_user_attr(META, plan.meta())
-            study.set_user_attr(TEXT, plan.text)
-            study.set_user_attr(BASE_TEXT, plan.base.read_text())
+        if created or keys.FINGERPRINT not in attrs:
+            study.set_user_attr(keys.FINGERPRINT, fingerprint)
+            study.set_user_attr(keys.KIND, plan.kind)
+            study.set_user_attr(keys.META, plan.meta())
+            study.set_user_attr(keys.TEXT, plan.text)
+            study.set_user_attr(keys.BASE_TEXT, plan.base.read_text())
         experiment_id = ensure_experiment(client, experiment, opts.output_dir)
-        parent = attrs.get(PARENT)
-        if not recording.run_exists(client, parent):
+        parent = attrs.get(keys.PARENT)
+        if not tracking.run_exists(client, parent):
             if parent:
                 print(f"note: parent run {parent} of study '{plan.name}' is not in {opts.tracking_uri}; "
                       f"starting a new one (give every worker the same --tracking-uri)", file=sys.stderr)
             parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind)
-            study.set_user_attr(PARENT, parent)
-            recording.log_files(client, parent, [plan.file, plan.base], "study")
+            study.set_user_attr(keys.PARENT, parent)
+            tracking.log_files(client, parent, [plan.file, plan.base], "study")
         else:
             recording.reopen(client, parent)
     return Prepared(plan.name, experiment, experiment_id, parent, created, client)
@@ -287,10 +288,10 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyPlan, deadline: Optiona
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # "heartbeat is meant for Study.optimize": we beat ourselves
             trial = study.ask()
-        if fixed_cells(plan) is not None and "fixed_params" not in storage.get_trial(trial._trial_id).system_attrs:
+        if fixed_cells(plan) is not None and keys.QUEUED not in storage.get_trial(trial._trial_id).system_attrs:
             # ask() found no queued cell to pop and made a fresh, sampled trial: a study of fixed cells never
             # runs one (it could repeat a cell). Close it as discarded and look again.
-            trial.set_user_attr(OUTCOME, "discarded")
+            TrialRecord.put(trial, outcome=keys.DISCARDED)
             study.tell(trial, state=TrialState.FAIL)
             print(f"note: trial {trial.number} was sampled, not taken from the queue of cells; discarded",
                   file=sys.stderr, flush=True)
@@ -311,8 +312,6 @@ def _describe(plan: StudyPlan, trial: optuna.Trial, outcome: Any) -> str:
 
 def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: int = 0) -> int:
     """Pull and run trials until the study is done (or the deadline passes). Returns trials run."""
-    from runs.tracking import client_for
-
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
     study = optuna.load_study(study_name=plan.name, storage=storage,
                               sampler=make_sampler(plan, worker, opts.workers), pruner=make_pruner(plan))
@@ -338,9 +337,9 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
             continue
         except BaseException as e:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):   # (already failed as stale)
-                if not trial.user_attrs.get(OUTCOME):
-                    trial.set_user_attr(OUTCOME, "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
-                    trial.set_user_attr("reslab.reason", str(e)[:2000])
+                if not TrialRecord.of(trial).outcome:
+                    TrialRecord.put(trial, outcome=keys.INTERRUPTED if isinstance(e, KeyboardInterrupt) else keys.ERROR,
+                                    reason=str(e))
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         if tell_outcome(study, trial, outcome, client):
@@ -373,8 +372,6 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, outcome: Any, client:
 def _gpus() -> list[str]:
     """CUDA devices visible to this process (ids as CUDA_VISIBLE_DEVICES would name them)."""
     try:
-        import torch
-
         n = torch.cuda.device_count()
     except Exception:  # noqa: BLE001
         n = 0
@@ -442,10 +439,11 @@ def wait_workers(procs: list[tuple[subprocess.Popen, Path]]) -> list[str]:
 
 def run_study(opts: StudyOptions) -> dict:
     """Load the file, create/resume the study, run its workers, then record and return the report."""
-    import tempfile
+    with quiet():
+        return _run_study(opts)
 
-    from .report import finalize
 
+def _run_study(opts: StudyOptions) -> dict:
     opts = opts.resolved()
     if opts.workers < 1:
         raise ReslabError("must be at least 1", file="--workers")
@@ -469,7 +467,6 @@ def run_study(opts: StudyOptions) -> dict:
         if opts.workers == 1:
             threads = os.environ.get("RESLAB_WORKER_THREADS")
             if threads:
-                import torch
                 torch.set_num_threads(int(threads))
             run_worker(plan, opts, prepared, 0)
         else:

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from arches.errors import ReslabError
+from runs.tracking import artifact_root, default_tracking_uri
 
 
 def port_free(host: str, port: int) -> bool:
@@ -22,8 +23,6 @@ def port_free(host: str, port: int) -> bool:
 def ui_command(output_dir: str = "outputs", port: int = 5000, tracking_uri: Optional[str] = None,
                host: str = "127.0.0.1") -> list[str]:
     """The mlflow server command line for this store (sqlite in output_dir, artifacts in output_dir/mlartifacts)."""
-    from runs.tracking import artifact_root, default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri(output_dir)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
             "--default-artifact-root", artifact_root(output_dir), "--host", host, "--port", str(port),

@@ -10,50 +10,45 @@ import os
 import sys
 from pathlib import Path
 
+import optuna
+import torch
+
+from arches.errors import ReslabError
+from runs.quiet import quiet
+from runs.tracking import client_for, ensure_experiment
+
+from . import keys
+from .recording import experiment_name
+from .space import load_study_file, study_name_of
+from .storage import open_storage
+from .study import Prepared, StudyOptions, run_worker
+
 
 def main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     worker, status = args.pop("worker"), Path(args.pop("status"))
     threads = os.environ.get("RESLAB_WORKER_THREADS")
-    import torch
-
     if threads:
         torch.set_num_threads(int(threads))
-    from arches.errors import ReslabError
-
-    from .study import META, PARENT, Prepared, StudyOptions, run_worker
-    from .recording import experiment_name
-    from .space import load_study_file
-    from .storage import open_storage
-
     opts = StudyOptions(**args)
     try:
-        import optuna
-
-        storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
-        study = optuna.load_study(study_name=_name(opts), storage=storage)
-        meta = study.user_attrs.get(META, {})
-        known = {a["name"]: a["width_multiplier"] for a in meta.get("arms", []) if a.get("width_multiplier")}
-        plan = load_study_file(opts.file, opts.overrides, opts.study, match_multipliers=known or None)
-        from runs.tracking import client_for, ensure_experiment
-
-        client = client_for(opts.tracking_uri, opts.output_dir)
-        experiment = experiment_name(plan.kind, plan.name)
-        prepared = Prepared(plan.name, experiment, ensure_experiment(client, experiment, opts.output_dir),
-                            study.user_attrs[PARENT], created=False)
-        run_worker(plan, opts, prepared, worker)
+        with quiet():
+            storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
+            study = optuna.load_study(study_name=opts.study or study_name_of(opts.file), storage=storage)
+            meta = study.user_attrs.get(keys.META, {})
+            known = {a["name"]: a["width_multiplier"] for a in meta.get("arms", []) if a.get("width_multiplier")}
+            plan = load_study_file(opts.file, opts.overrides, opts.study, match_multipliers=known or None)
+            client = client_for(opts.tracking_uri, opts.output_dir)
+            experiment = experiment_name(plan.kind, plan.name)
+            prepared = Prepared(plan.name, experiment, ensure_experiment(client, experiment, opts.output_dir),
+                                study.user_attrs[keys.PARENT], created=False)
+            run_worker(plan, opts, prepared, worker)
     except ReslabError as e:
         status.write_text(json.dumps({"error": str(e)}))
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-def _name(opts) -> str:
-    from .space import study_name_of
-
-    return opts.study or study_name_of(opts.file)
 
 
 if __name__ == "__main__":

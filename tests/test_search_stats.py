@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -73,11 +73,17 @@ def test_compare_arms_uses_each_arms_reference():
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=8))
-def test_paired_interval_holds_the_mean_difference(pairs):
-    arm = {i: a for i, (a, _) in enumerate(pairs)}
-    ref = {i: b for i, (_, b) in enumerate(pairs)}
-    c = compare(arm, ref)
-    assert c.ci_low <= c.diff + 1e-12 and c.diff <= c.ci_high + 1e-12
+def test_paired_interval_and_p_are_scipys(pairs):
+    """On any paired data: the interval and p-value scipy's own paired t-test gives (its confidence_interval,
+    computed independently of reslab's t-quantile arithmetic)."""
+    a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    assume(np.std(a - b) > 1e-6)
+    c = compare(dict(enumerate(a)), dict(enumerate(b)))
+    scipy_test = stats.ttest_rel(a, b)
+    ci = scipy_test.confidence_interval(0.95)
+    assert c.test == "paired t" and c.n == len(pairs)
+    assert (c.ci_low, c.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9, abs=1e-12)
+    assert c.p == pytest.approx(scipy_test.pvalue, rel=1e-9, abs=1e-12)
     assert math.isnan(c.p) or 0.0 <= c.p <= 1.0
 
 
@@ -262,5 +268,9 @@ def test_latency_and_costs_of_a_tiny_spec(tmp_path):
                            ["stages.*.depth=1", "stem.width=4", "stages.*.width=4"])
     spec = plan.arm_spec("A", 0)
     c = costs(spec, latency=True)
-    assert c["params"] == complexity(spec).params and c["macs"] == complexity(spec).macs
+    # counted by hand: 1x28x28 input, widths 4, one basic block per stage (strides 1, 2, 2), option A, 10 classes
+    conv = 4 * 4 * 9                                     # a 3x3 conv 4 -> 4
+    params = (1 * 4 * 9 + 2 * 4) + 3 * (2 * conv + 2 * 2 * 4) + (4 * 10 + 10)          # stem, 3 blocks, fc
+    macs = 28 * 28 * 4 * 9 + 2 * 28 * 28 * conv + 2 * 14 * 14 * conv + 2 * 7 * 7 * conv + 4 * 10
+    assert (c["params"], c["macs"]) == (params, macs) == (1006, 324616)
     assert 0 < c["latency_ms"] < 10_000

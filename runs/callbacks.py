@@ -1,0 +1,151 @@
+"""How a training run stops and shows progress: the interrupt guard (Ctrl-C / SIGTERM -> a clean stop at the
+next batch end, with a checkpoint), the exceptions a run ends with, and one plain line per epoch."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+
+class Pruned(Exception):
+    """Raised by a callback (a search pruner) to stop a run early: the run ends KILLED, tag state=PRUNED."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after its checkpoint was saved; resume with train(..., resume=run_id)."""
+
+    def __init__(self, run_id: str, signal_name: str, checkpoint: Optional[str], rank: int = 0):
+        super().__init__(f"{signal_name}: run {run_id} interrupted")
+        self.run_id, self.signal_name, self.checkpoint, self.rank = run_id, signal_name, checkpoint, rank
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+
+
+class StopRequested(BaseException):
+    """Raised at a batch end after Ctrl-C/SIGTERM so training stops at a clean point."""
+
+
+class InterruptGuard(pl.Callback):
+    """Turns Ctrl-C/SIGTERM into a clean stop at the next batch end and saves a checkpoint on the way out."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self.fitting = False
+        self.path: Optional[Path] = None
+        self.saved: Optional[str] = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.signal_name:
+            raise StopRequested(self.signal_name)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.signal_name is None and isinstance(exception, SIGTERMException):
+            self.signal_name = "SIGTERM"
+        elif self.signal_name is None and isinstance(exception, KeyboardInterrupt):
+            self.signal_name = "SIGINT"
+        if self.signal_name and trainer.state.fn == "fit" and self.path is not None:
+            self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write last.ckpt from rank 0 (no barrier: other processes may be gone)."""
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        if ckpt is not None and ckpt._last_global_step_saved == trainer.global_step and self.path.exists():
+            self.saved = str(self.path)     # the epoch-end checkpoint already holds this state
+            return
+        if not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        try:
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.strategy.checkpoint_io.save_checkpoint(state, str(self.path))
+            self.saved = str(self.path)
+        except Exception as e:  # noqa: BLE001  (never hide the interrupt behind a save failure)
+            print(f"could not save an interrupt checkpoint: {e}", file=sys.stderr)
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """While training: the first Ctrl-C/SIGTERM asks for a clean stop, a second one (or one outside fit)
+        raises KeyboardInterrupt at once. Lightning's own SIGTERM handling stays in front of this one."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            first = self.signal_name is None
+            if first:
+                self.signal_name = signal.Signals(signum).name
+            if not (first and self.fitting):
+                raise KeyboardInterrupt
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def fit(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        """trainer.fit, ending with StopRequested if a signal asked to stop (Lightning may return quietly)."""
+        self.fitting = True
+        try:
+            trainer.fit(*args, **kwargs)
+        except (StopRequested, SystemExit):
+            if self.signal_name is None:
+                raise
+        finally:
+            self.fitting = False
+        if self.signal_name is not None:
+            raise StopRequested(self.signal_name)
+
+    @contextmanager
+    def as_interrupted(self, run_id: str, rank: int) -> Iterator[None]:
+        """A stop by signal (or a second Ctrl-C) inside the block leaves it as Interrupted, checkpoint named."""
+        try:
+            yield
+        except (StopRequested, KeyboardInterrupt):
+            raise Interrupted(run_id, self.signal_name or "SIGINT", self.saved, rank) from None
+        except SystemExit:
+            if self.signal_name is None:
+                raise
+            raise Interrupted(run_id, self.signal_name, self.saved, rank) from None
+
+
+class EpochLines(pl.Callback):
+    """Plain progress for logs and pipes: one line per epoch on rank 0."""
+
+    def __init__(self, total_epochs: Optional[int], stream: Any = None):
+        self.total, self.stream, self._t0 = total_epochs, stream, time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = getattr(pl_module, "history", None)
+        if trainer.is_global_zero and history:
+            print(epoch_line(history[-1], self.total, time.perf_counter() - self._t0),
+                  file=self.stream or sys.stdout, flush=True)
+
+
+def epoch_line(row: dict, total: Optional[int] = None, elapsed: Optional[float] = None) -> str:
+    """'epoch 2/10  train loss 0.4312 acc 0.8412  val loss ... acc ...  lr 0.1  2310 img/s  31s'."""
+    parts = [f"epoch {row['epoch']}" + (f"/{total}" if total else "")]
+    for split in ("train", "val", "test"):
+        if f"{split}/loss" in row:
+            parts.append(f"{split} loss {row[f'{split}/loss']:.4f} acc {row[f'{split}/acc']:.4f}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.4g}")
+    if row.get("images_per_s", float("nan")) == row.get("images_per_s"):
+        parts.append(f"{row['images_per_s']:.0f} img/s")
+    if elapsed is not None:
+        parts.append(f"{elapsed:.0f}s")
+    return "  ".join(parts)

@@ -1,0 +1,194 @@
+"""The MLflow record of one training run: opened (or reopened, to resume) on entry, ended on exit with the status
+that the way out maps to (ENDINGS), its curves and final checkpoint kept as artifacts.
+
+    with RunRecord(uri, spec, cost, output_dir=out, rank=trainer.global_rank) as record:
+        ...train, using record.run_id and record.recorder...
+    result = record.result           # RunResult, read back from what MLflow holds
+
+Only global rank 0 writes; on other ranks the record is a name (run id) and builds its result from the module.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rich.console import Console
+
+from arches import Complexity, Spec, diff_from_base, spec_hash, to_yaml
+from arches.errors import ReslabError, first_line
+from arches.report import complexity_table
+
+from . import tracking
+from .callbacks import Interrupted, Pruned
+from .module import NonFiniteLoss
+from .plots import error_curves
+
+RUN_ID_ENV = "RESLAB_RUN_ID"   # hands the MLflow run id to DDP processes started by the launcher
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str                                   # 'FINISHED' | 'FAILED'
+    metrics: dict[str, float]                     # final: last epoch's row and the test metrics
+    history: list[dict] = field(default_factory=list)  # one row per epoch (epoch numbers start at 1)
+    checkpoint: Optional[str] = None              # path of the final checkpoint
+    reason: Optional[str] = None                  # why it failed
+    rank: int = 0                                 # global rank of the process that returns it
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ends: its MLflow status, reslab's `state` tag, the tag that says why (with what), and whether
+    train() returns a FAILED result for it instead of raising."""
+    status: str
+    state: str
+    why_tag: str = ""
+    why: Callable[[BaseException], str] = lambda e: f"{type(e).__name__}: {first_line(e)}"
+    returns: bool = False
+
+
+FINISHED = Ending("FINISHED", "FINISHED")
+# What stopped the run -> how it ends (the first matching type wins).
+ENDINGS: tuple[tuple[type, Ending], ...] = (
+    (NonFiniteLoss, Ending("FAILED", "FAILED", tracking.FAILURE_TAG, str, returns=True)),
+    (Pruned, Ending("KILLED", "PRUNED", "pruned_reason", lambda e: str(e) or "pruned")),
+    (Interrupted, Ending("KILLED", "INTERRUPTED", "interrupted_by", lambda e: e.signal_name)),
+    (BaseException, Ending("FAILED", "FAILED", tracking.FAILURE_TAG)),
+)
+
+
+def ending_for(exc: Optional[BaseException]) -> Ending:
+    if exc is None:
+        return FINISHED
+    return next(ending for kind, ending in ENDINGS if isinstance(exc, kind))
+
+
+class RunRecord:
+    """One run's MLflow record (see the module docstring). `follow(module, final)` names where the epochs and
+    the final checkpoint come from before training starts."""
+
+    def __init__(self, tracking_uri: str, spec: Spec, cost: Complexity, *, output_dir: Path, rank: int = 0,
+                 experiment: Optional[str] = None, run_name: Optional[str] = None,
+                 parent_run_id: Optional[str] = None, tags: Optional[dict] = None, resume: Optional[str] = None):
+        self.uri, self.spec, self.cost, self.output_dir, self.rank = tracking_uri, spec, cost, output_dir, rank
+        self.experiment, self.run_name, self.parent_run_id, self.tags = experiment, run_name, parent_run_id, tags
+        self.resume = resume
+        self.client: Any = None
+        self.run_id = os.environ.get(RUN_ID_ENV) or resume or ""
+        self.recorded_through = 0          # epochs already in MLflow (a resumed run)
+        self.result: Optional[RunResult] = None
+        self._monitor: Any = None
+        self._module: Any = None
+        self._final: Optional[Path] = None
+
+    # ---- opening ---------------------------------------------------------------------------------------
+    def __enter__(self) -> "RunRecord":
+        if self.rank == 0:
+            self.client = tracking.client_for(self.uri, self.output_dir)
+            if self.resume:
+                self.recorded_through = self._reopen()
+            else:
+                self.run_id = self._create()
+            self._monitor = tracking.start_system_metrics(self.run_id, self.uri, resume=bool(self.resume))
+        return self
+
+    @property
+    def recorder(self) -> Optional[tracking.MlflowRecorder]:
+        """The per-epoch MLflow callback (rank 0), or None."""
+        return tracking.MlflowRecorder(self.uri, self.run_id, self.recorded_through) if self.client else None
+
+    def follow(self, module: Any, final: Path) -> None:
+        """Where the result comes from: the module's history and test results, the final checkpoint's path."""
+        self._module, self._final = module, final
+
+    def _create(self) -> str:
+        """Create the run and record what identifies it: params, tags, spec, model table."""
+        client, spec = self.client, self.spec
+        if self.parent_run_id and self.experiment is None:   # a nested child lives in its parent's experiment
+            exp_id = client.get_run(self.parent_run_id).info.experiment_id
+        else:
+            exp_id = tracking.ensure_experiment(client, self.experiment or tracking.experiment_name(spec),
+                                                self.output_dir)
+        tags = {**tracking.spec_tags(spec, self.cost), **{k: str(v) for k, v in (self.tags or {}).items()}}
+        run_id = tracking.create_run(client, exp_id, self.run_name or spec.name, parent_run_id=self.parent_run_id)
+        try:
+            tracking.log_params(client, run_id, tracking.spec_params(spec))
+            tracking.set_tags(client, run_id, tags)
+            client.log_text(run_id, to_yaml(spec), "spec.yaml")
+            client.log_text(run_id, model_table(self.cost), "model.txt")
+            client.log_dict(run_id, self.cost.to_dict(), "complexity.json")
+            diff = diff_from_base(spec)
+            if diff:
+                client.log_dict(run_id, {k: {"base": a, "value": b} for k, (a, b) in diff.items()},
+                                "diff_from_base.json")
+        except BaseException as e:
+            tracking.end_run(client, run_id, "FAILED",
+                             {tracking.FAILURE_TAG: f"recording the run failed: {type(e).__name__}: {e}"})
+            raise
+        return run_id
+
+    def _reopen(self) -> int:
+        """Mark a stopped run RUNNING again; returns the last epoch it recorded."""
+        client, run_id = self.client, self.resume
+        run = client.get_run(run_id)
+        if run.info.status == "FINISHED":
+            raise ReslabError(f"run {run_id} already finished; nothing to resume", file="--resume")
+        recorded = run.data.tags.get("spec_hash")
+        if recorded and recorded != spec_hash(self.spec):
+            raise ReslabError(f"the spec differs from run {run_id}'s (hash {spec_hash(self.spec)} vs {recorded}); "
+                              f"resume without a spec file to continue the recorded one", file="--resume")
+        for tag in (tracking.FAILURE_TAG, tracking.STATE_TAG):
+            if tag in run.data.tags:
+                client.delete_tag(run_id, tag)
+        client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+        client.update_run(run_id, status="RUNNING")
+        history = tracking.read_history(client, run_id, ("train/loss",))
+        return max((int(r["epoch"]) for r in history), default=0)
+
+    # ---- closing ---------------------------------------------------------------------------------------
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        ending = ending_for(exc)
+        why = ending.why(exc) if exc is not None and ending.why_tag else None
+        final = self._final if ending is FINISHED and self._final is not None and self._final.exists() else None
+        history = list(self._module.history) if self._module is not None else []
+        test = dict((self._module.results.get("test") or {}) if self._module is not None else {})
+        if self.client is not None:
+            try:
+                history = tracking.read_history(self.client, self.run_id)
+                test = {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items()
+                        if k.startswith("test/")}
+                self._log_artifacts(history, final)
+            finally:
+                tracking.stop_system_metrics(self._monitor)
+                tracking.end_run(self.client, self.run_id, ending.status,
+                                 {tracking.STATE_TAG: ending.state, **({ending.why_tag: why} if why else {})})
+        metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
+        metrics.update(test)
+        self.result = RunResult(run_id=self.run_id, status="FINISHED" if ending is FINISHED else "FAILED",
+                                metrics=metrics, history=history, checkpoint=str(final) if final else None,
+                                reason=why if ending.returns else None, rank=self.rank)
+        return ending.returns
+
+    def _log_artifacts(self, history: list[dict], checkpoint: Optional[Path]) -> None:
+        """Training-curve PNG and (when given) the final checkpoint, as run artifacts."""
+        with tempfile.TemporaryDirectory(prefix="reslab-") as tmp:
+            if history:
+                png = error_curves({self.spec.name: history}, Path(tmp) / "curves.png",
+                                   title=f"{self.spec.name} ({self.run_id[:8]})")
+                self.client.log_artifact(self.run_id, str(png))
+        if checkpoint is not None:
+            self.client.log_artifact(self.run_id, str(checkpoint), "checkpoints")
+
+
+def model_table(cost: Complexity) -> str:
+    """The `show` tables (stages, then blocks) as plain text."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=110, force_terminal=False, color_system=None)
+    complexity_table(cost, console=console)
+    complexity_table(cost, console=console, blocks=True)
+    return buffer.getvalue()
