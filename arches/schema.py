@@ -123,6 +123,8 @@ class TrainSpec(Strict):
     num_nodes: PositiveInt = 1
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     channels_last: Optional[bool] = None  # null = on for GPU runs
+    threads: Optional[PositiveInt] = None  # CPU threads of the run (torch); null = torch's default. A study sets
+    # ^ one count for all its trials (results then do not depend on how many workers ran them)
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
     # ^ torch.compile the model: true (= "default") or a torch.compile mode ("reduce-overhead": CUDA graphs)
     val_every: PositiveInt = 1         # validate every this many epochs

@@ -96,10 +96,21 @@ def resolve_targets(specs: Sequence[tuple[str, Spec]], checkpoints: Sequence[str
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> the GPU when there is one, else the CPU."""
+    """'auto' -> the GPU when there is one, else the CPU; a device that is not there: one-line ReslabError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ReslabError(f"'{device}' is not a device; use auto, cpu, cuda or cuda:N", file="--device") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (chosen.index or 0) >= count:
+            raise ReslabError(f"there is no {device} here ({count} CUDA devices); use --device cpu or auto",
+                              file="--device")
+    elif chosen.type != "cpu":
+        raise ReslabError(f"device type '{chosen.type}' is not supported; use auto, cpu or cuda", file="--device")
+    return chosen
 
 
 def eval_batches(spec: Spec, limit: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

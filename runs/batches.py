@@ -75,11 +75,10 @@ def resized_crop_boxes(sizes: torch.Tensor, gen: torch.Generator, scale: tuple[f
     return torch.stack([left, top, left + cw, top + ch], 1)
 
 
-def resized_crop_flip(images: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Random-resized crop (resized_crop_boxes) back to full size, plus random flip; bilinear, batched with
-    affine_grid/grid_sample. Returns float images in the input's 0..255 range."""
-    n, _, h, w = images.shape
+def resized_crop_thetas(n: int, h: int, w: int, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Affine maps (n x 2 x 3, for affine_grid) of n random-resized crops (resized_crop_boxes) of h x w images,
+    half of them mirrored."""
     boxes = resized_crop_boxes(torch.tensor([[w, h]]).expand(n, 2), gen, scale, ratio)
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)            # output grid -> input coordinates, -1..1 across the image
@@ -87,9 +86,21 @@ def resized_crop_flip(images: torch.Tensor, gen: torch.Generator, scale: tuple[f
     theta[:, 1, 1] = ((boxes[:, 3] - boxes[:, 1]) / h).float()
     theta[:, 0, 2] = ((boxes[:, 0] + boxes[:, 2]) / w - 1).float()
     theta[:, 1, 2] = ((boxes[:, 1] + boxes[:, 3]) / h - 1).float()
-    theta = theta.to(images.device, non_blocking=True)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return theta
+
+
+def apply_resized_crop(images: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Each image resampled (bilinear) through its affine map back to full size; float, input's 0..255 range."""
+    grid = F.affine_grid(thetas.to(images.device, non_blocking=True), list(images.shape), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resized_crop_flip(images: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random-resized crop (resized_crop_boxes) back to full size, plus random flip; bilinear, batched with
+    affine_grid/grid_sample. Returns float images in the input's 0..255 range."""
+    n, _, h, w = images.shape
+    return apply_resized_crop(images, resized_crop_thetas(n, h, w, gen, scale, ratio))
 
 
 def channel_mean_std(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -112,6 +123,10 @@ class TensorBatches:
     Train mode: each epoch a permutation from (seed, epoch), this rank's equal shard of it, full batches only
     (one short batch when the shard is smaller than a batch), augmented per `augment`. Eval mode: the rank's
     contiguous shard in order, no augmentation. Works on whatever device the tensors live on.
+
+    Resumable mid-epoch (Lightning's stateful-loader protocol): `state_dict()` says which epoch is being served
+    and how many of its batches were handed out; after `load_state_dict()` the next pass of that epoch starts at
+    the following batch, with the same order and augmentation as an uninterrupted pass.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
@@ -122,6 +137,8 @@ class TensorBatches:
         self.batch_size, self.train, self.augment, self.pad = batch_size, train, augment, pad
         self.seed, self.rank, self.world_size, self.limit = seed, rank, world_size, limit
         self.epoch_fn, self._count, self._epoch = epoch_fn, 0, None
+        self._served: tuple[int, int] = (0, 0)            # (epoch, batches handed out) of the current pass
+        self._resume: Optional[tuple[int, int]] = None    # from load_state_dict: start that epoch's pass there
         shape = (1, images.shape[1], 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).reshape(shape) * 255
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=images.device).reshape(shape) * 255)
@@ -152,25 +169,40 @@ class TensorBatches:
         epoch = self.epoch_fn() if self.epoch_fn else None
         return self._count if epoch is None else epoch
 
+    def state_dict(self) -> dict[str, int]:
+        """Where the current pass is: its epoch and the batches handed out so far."""
+        return {"epoch": self._served[0], "batches": self._served[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next pass of state['epoch'] after its first state['batches'] batches."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, device = len(self.labels), self.labels.device
+        epoch = self._current_epoch()
         if self.train:
-            epoch = self._current_epoch()
             order = shard(torch.randperm(n, generator=epoch_generator(ORDER, self.seed, epoch)), self.rank,
                           self.world_size, equal=True)
             gen = epoch_generator(AUGMENT, self.seed, epoch, self.rank)
         else:
             order, gen = shard(torch.arange(n), self.rank, self.world_size, equal=False), None
         self._count += 1
-        # crop/flip offsets of the whole pass drawn at once (one host-to-device copy per epoch)
-        offsets = crop_flip_offsets(len(order), self.pad, gen).to(device) if gen is not None and self.augment == "crop_flip" \
-            else None
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        # the whole pass's augmentation drawn at once (one host-to-device copy per epoch; a resumed pass draws the
+        # same numbers and skips the batches it served before)
+        offsets = thetas = None
+        if gen is not None and self.augment == "crop_flip":
+            offsets = crop_flip_offsets(len(order), self.pad, gen).to(device)
+        elif gen is not None and self.augment == "rrc_flip":
+            thetas = resized_crop_thetas(len(order), self.images.shape[2], self.images.shape[3], gen)
         order = order.to(device)
-        for step in range(len(self)):
+        for step in range(start, len(self)):
+            self._served = (epoch, step + 1)
             part = slice(step * self.batch_size, (step + 1) * self.batch_size)
             images, labels = self.images[order[part]], self.labels[order[part]]
             if offsets is not None:
                 images = apply_crop_flip(images, self.pad, offsets[part])
-            elif gen is not None and self.augment == "rrc_flip":
-                images = resized_crop_flip(images, gen)
+            elif thetas is not None:
+                images = apply_resized_crop(images, thetas[part])
             yield images.float().sub_(self.mean).mul_(self.inv_std), labels

@@ -7,12 +7,12 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from .checkpoint import EpochCheckpoint
 
 
 class Pruned(Exception):
@@ -39,10 +39,10 @@ class StopRequested(BaseException):
 class InterruptGuard(pl.Callback):
     """Turns Ctrl-C/SIGTERM into a clean stop at the next batch end and saves a checkpoint on the way out."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: EpochCheckpoint) -> None:
         self.signal_name: Optional[str] = None
         self.fitting = False
-        self.path: Optional[Path] = None
+        self.checkpoint = checkpoint
         self.saved: Optional[str] = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -54,22 +54,21 @@ class InterruptGuard(pl.Callback):
             self.signal_name = "SIGTERM"
         elif self.signal_name is None and isinstance(exception, KeyboardInterrupt):
             self.signal_name = "SIGINT"
-        if self.signal_name and trainer.state.fn == "fit" and self.path is not None:
+        if self.signal_name and trainer.state.fn == "fit":
             self.save(trainer)
 
     def save(self, trainer: pl.Trainer) -> None:
         """Write last.ckpt from rank 0 (no barrier: other processes may be gone)."""
-        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        if ckpt is not None and ckpt._last_global_step_saved == trainer.global_step and self.path.exists():
-            self.saved = str(self.path)     # the epoch-end checkpoint already holds this state
+        path = self.checkpoint.path
+        if path is None:
+            return
+        if self.checkpoint.saved_step == trainer.global_step and path.exists():
+            self.saved = str(path)          # the epoch-end checkpoint already holds this state
             return
         if not trainer.is_global_zero or trainer.global_step == 0:
             return
         try:
-            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.strategy.checkpoint_io.save_checkpoint(state, str(self.path))
-            self.saved = str(self.path)
+            self.saved = self.checkpoint.save(trainer, collective=False)
         except Exception as e:  # noqa: BLE001  (never hide the interrupt behind a save failure)
             print(f"could not save an interrupt checkpoint: {e}", file=sys.stderr)
 

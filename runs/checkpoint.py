@@ -5,11 +5,14 @@ is rebuilt from the checkpoint alone.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 from urllib.parse import unquote, urlparse
 
+import pytorch_lightning as pl
 import torch
 
 from arches import Network, Spec, build_model, spec_from_dict
@@ -26,15 +29,67 @@ def checkpoint_dir(output_dir: Union[str, Path], run_id: str) -> Path:
     return Path(output_dir).expanduser().resolve() / "checkpoints" / run_id
 
 
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp) then rename over `path`, flushed to disk first: a kill or a full disk at any moment leaves the
+    previous complete file (or the new one), never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class EpochCheckpoint(pl.Callback):
+    """last.ckpt, written atomically at the end of every training epoch (and by the interrupt guard on a signal):
+    model, optimizer, schedule, loop progress and the data loader's position, so `--resume` continues exactly."""
+
+    def __init__(self) -> None:
+        self.path: Optional[Path] = None      # <output_dir>/checkpoints/<run_id>/last.ckpt, set by train
+        self.saved_step = -1                  # global step of the state last written
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer, *, collective: bool = True) -> Optional[str]:
+        """Write the trainer's state (collective: every rank calls; rank 0 writes). Returns the path on rank 0."""
+        if self.path is None:
+            return None
+        if collective:
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.barrier("checkpoint")
+        elif trainer.is_global_zero:
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if not trainer.is_global_zero:
+            return None
+        write_atomically(self.path, lambda tmp: trainer.strategy.checkpoint_io.save_checkpoint(state, tmp))
+        self.saved_step = trainer.global_step
+        return str(self.path)
+
+
 def read_checkpoint(path: Union[str, Path]) -> dict:
     """The checkpoint dict, loaded with weights_only=True; one-line ReslabError if unreadable."""
+    path = Path(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
     except FileNotFoundError:
         raise ReslabError("no such checkpoint", file=str(path)) from None
-    except Exception as e:  # noqa: BLE001  (corrupt file, foreign pickle, ...)
+    except OSError as e:
+        raise ReslabError(f"cannot read checkpoint: {e.strerror}", file=str(path)) from None
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":     # torch.save's zip archive, or an old pickle
+        raise ReslabError("not a checkpoint (a file written by torch.save / Lightning)", file=str(path))
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:       # weights_only refused an object: reslab never loads arbitrary pickles
+        raise ReslabError("the checkpoint holds Python objects besides tensors and plain data; reslab loads only "
+                          "tensors and plain data (weights_only=True)", file=str(path)) from None
+    except Exception as e:  # noqa: BLE001  (a truncated or corrupt archive, ...)
         first = first_line(e) or type(e).__name__
-        raise ReslabError(f"cannot load checkpoint: {first}", file=str(path)) from None
+        raise ReslabError(f"cannot load checkpoint ({type(e).__name__}: {first})", file=str(path)) from None
 
 
 def spec_of(checkpoint: dict, where: str = "checkpoint") -> Spec:

@@ -22,8 +22,8 @@ from arches.schema import DataSpec, Spec
 
 from .batches import SPLIT, TEST_SUBSET, TensorBatches, channel_mean_std, epoch_generator
 from .datasets import DATA_SETS, Arrays
-from .imagefolder import (EncodedBatch, FolderImages, GpuDecoder, ShardSampler, channel_stats, collate_encoded, scan,
-                          torchvision_io)
+from .imagefolder import (EncodedBatch, FolderImages, GpuDecoder, ResumableLoader, ShardSampler, channel_stats,
+                          collate_encoded, scan, torchvision_io)
 
 EVAL_BATCH = 512
 SYNTHETIC_SHAPE = (3, 32, 32)
@@ -110,6 +110,7 @@ class ReslabData(pl.LightningDataModule):
         self.std: tuple[float, ...] = ()
         self.device = torch.device("cpu")
         self._sets: dict[str, object] = {}
+        self._arrays: Optional[Arrays] = None         # read by check(), used once by setup()
         self._ready_for: Optional[tuple] = None
         self.decoder: Optional[GpuDecoder] = None
 
@@ -147,6 +148,15 @@ class ReslabData(pl.LightningDataModule):
         """Find (or download, once per node) the files."""
         find_data_root(self.spec.data)
 
+    def check(self) -> None:
+        """Read the data now, before anything is recorded: a missing or corrupt file fails here, in one line. The
+        arrays read are kept for setup()."""
+        if DATA_SETS[self.spec.data.name].in_memory:
+            self._arrays = load_arrays(self.spec)
+        else:
+            root = find_data_root(self.spec.data)
+            scan(root / "val", scan(root / "train")[1])
+
     def setup(self, stage: Optional[str] = None) -> None:
         """Read the data, split it by seed, compute mean/std, place it on its device, count steps."""
         rank, world = self._rank_world()
@@ -160,7 +170,7 @@ class ReslabData(pl.LightningDataModule):
         self.steps_per_epoch = len(self.train_dataloader())
 
     def _setup_arrays(self, device: torch.device) -> None:
-        arrays = load_arrays(self.spec)
+        arrays, self._arrays = self._arrays or load_arrays(self.spec), None
         split = split_indices(len(arrays.train_labels), len(arrays.test_labels), self.spec.data,
                               self.spec.train.seed)
         train_split = torch.ones(len(arrays.train_labels), dtype=torch.bool)
@@ -213,10 +223,11 @@ class ReslabData(pl.LightningDataModule):
         sampler = ShardSampler(len(dataset), seed=spec.train.seed, train=train, rank=rank, world_size=world,
                                max_items=limit * batch if limit else None)
         workers, encoded = spec.data.num_workers, self.decoder is not None
-        return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                          drop_last=train and len(sampler) >= batch, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available() and not encoded,
-                          collate_fn=collate_encoded if encoded else None)
+        loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                            drop_last=train and len(sampler) >= batch, persistent_workers=workers > 0,
+                            pin_memory=torch.cuda.is_available() and not encoded,
+                            collate_fn=collate_encoded if encoded else None)
+        return ResumableLoader(loader) if train else loader
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         """Encoded imagefolder batches are decoded on the device here; everything else is moved as usual."""

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from arches import Complexity, Spec, complexity, plan_network, spec_hash
@@ -27,11 +27,12 @@ from arches.errors import ReslabError, first_line
 
 from . import tracking
 from .callbacks import EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
-from .checkpoint import LAST, checkpoint_dir, read_checkpoint, spec_of
+from .checkpoint import LAST, EpochCheckpoint, checkpoint_dir, read_checkpoint, spec_of
 from .data import ReslabData
 from .module import EpochSummary, ReslabModule
 from .quiet import quiet
 from .record import RUN_ID_ENV, RunRecord, RunResult
+from .stores import disk_problem
 
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_ID_ENV)
 
@@ -71,13 +72,11 @@ def trainer_settings(spec: Spec) -> dict[str, Any]:
 def build_trainer(spec: Spec, output_dir: Union[str, Path], progress: Optional[bool] = None,
                   callbacks: Sequence[pl.Callback] = ()) -> tuple[pl.Trainer, tuple]:
     """The Trainer `train` uses, with its callbacks in order: EpochSummary, progress (rich bar or lines), the
-    caller's, InterruptGuard, ModelCheckpoint (last.ckpt every epoch). Returns (trainer, (summary, guard,
+    caller's, InterruptGuard, EpochCheckpoint (last.ckpt every epoch). Returns (trainer, (summary, guard,
     checkpoint)); `train` inserts the MLflow recorder after the summary on rank 0."""
     show_bar = sys.stdout.isatty() if progress is None else bool(progress)
-    summary, guard = EpochSummary(), InterruptGuard()
-    ckpt = ModelCheckpoint(filename="epoch{epoch}", save_top_k=0, save_last=True, every_n_epochs=1,
-                           save_on_train_epoch_end=True, enable_version_counter=False,
-                           auto_insert_metric_name=False)
+    ckpt = EpochCheckpoint()
+    summary, guard = EpochSummary(), InterruptGuard(ckpt)
     progress_cb = RichProgressBar() if show_bar else EpochLines(spec.train.epochs)
     try:
         with quiet():
@@ -107,6 +106,18 @@ def _launcher_env(run_id: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def _threads(count: Optional[int]) -> Iterator[None]:
+    """torch's CPU threads set to `count` for the run (restored after); None leaves them as they are."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resume_checkpoint(run_id: str, output_dir: Union[str, Path]) -> Path:
@@ -148,10 +159,12 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
     plan = plan_network(spec)                      # once: the module and the complexity share it
     cost = cost or complexity(spec, plan=plan)
 
-    with quiet():
+    with quiet(), _threads(spec.train.threads):
         pl.seed_everything(spec.train.seed, workers=True, verbose=False)
         data = data or ReslabData(spec)
-        data.prepare_data()                       # missing data: one-line error before any run is created
+        data.prepare_data()
+        if hasattr(data, "check"):
+            data.check()                          # missing or corrupt data: one line, before any run is created
         module = ReslabModule(spec, plan)
         module.channels_last = uses_cuda(spec) if spec.train.channels_last is None else bool(spec.train.channels_last)
         trainer, (summary, guard, ckpt) = build_trainer(spec, output_dir, progress, callbacks)
@@ -161,12 +174,18 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
             with record, _launcher_env(record.run_id), guard.watching():
                 if record.recorder is not None:
                     trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, record.recorder)
-                ckpt.dirpath = str(checkpoint_dir(output_dir, record.run_id or "rank-unknown"))
-                guard.path = Path(ckpt.dirpath) / LAST
-                record.follow(module, final=guard.path)
+                ckpt.path = checkpoint_dir(output_dir, record.run_id or "rank-unknown") / LAST
+                record.follow(module, final=ckpt.path)
                 with guard.as_interrupted(record.run_id, trainer.global_rank):
                     guard.fit(trainer, module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
                     trainer.test(module, datamodule=data, verbose=False)
+        except Exception as e:
+            problem = disk_problem(e)        # a full or read-only disk: the run was ended FAILED above, if it could be
+            if problem is None:
+                raise
+            marked = "marked FAILED" if record.ended else "could not be marked FAILED (its store failed too)"
+            raise ReslabError(f"{problem}; run {record.run_id} {marked}; its last complete checkpoint is kept",
+                              file=str(output_dir)) from None
         finally:
             if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from arches.errors import ReslabError
 
@@ -246,6 +246,7 @@ class ShardSampler(DistributedSampler):
                  max_items: Optional[int] = None):
         super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
         self.n, self.train, self.max_items = n, train, max_items
+        self.skip = 0                    # keys of this pass to leave out at its start (a resumed epoch)
 
     def __iter__(self) -> Iterator[tuple[int, Optional[int]]]:
         if not self.train:
@@ -255,11 +256,45 @@ class ShardSampler(DistributedSampler):
                       self.rank, self.num_replicas, equal=True)[:len(self)]
         seeds = torch.randint(0, 2**62, (len(order),), generator=epoch_generator(AUGMENT, self.seed, self.epoch,
                                                                                   self.rank))
-        return iter(zip(order.tolist(), seeds.tolist()))
+        skip, self.skip = self.skip, 0
+        return iter(list(zip(order.tolist(), seeds.tolist()))[skip:])
 
     def __len__(self) -> int:
         size = len(shard(torch.arange(self.n), self.rank, self.num_replicas, equal=self.train))
         return min(size, self.max_items) if self.max_items and self.train else size
+
+
+class ResumableLoader:
+    """A training DataLoader over a ShardSampler that can start an epoch part-way: Lightning's stateful-loader
+    protocol (state_dict / load_state_dict), as runs.batches.TensorBatches has. `sampler` is the loader's, so
+    Lightning sets its epoch."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.sampler = loader, loader.sampler
+        self._served: tuple[int, int] = (0, 0)
+        self._resume: Optional[tuple[int, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._served[0], "batches": self._served[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self) -> Iterator:
+        epoch = self.sampler.epoch
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        self.sampler.skip = start * self.loader.batch_size
+        for step, batch in enumerate(self.loader, start):
+            self._served = (epoch, step + 1)
+            yield batch
+
 
 
 def channel_stats(data: FolderImages, samples: int, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -54,6 +54,8 @@ class ReslabModule(pl.LightningModule):
         self.metric_loss = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in SPLITS})
         self.metric_acc = nn.ModuleDict(
             {f"{s}_": MulticlassAccuracy(classes, average="micro", validate_args=False) for s in SPLITS})
+        for metric in [*self.metric_loss.values(), *self.metric_acc.values()]:
+            metric.persistent(True)      # in checkpoints: an epoch resumed part-way keeps what it had summed
         self.channels_last = False        # set by fit.py for GPU runs
         self.compile_mode = compile_mode(self.spec.train.compile)   # None: eager
         self.results: dict[str, dict[str, float]] = {}  # split -> last computed metrics
@@ -78,7 +80,6 @@ class ReslabModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         train = self.spec.train
         optimizer = build_optimizer(self.model, train)
-        self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the train data, counts batches)
         steps_per_epoch = max(1, int(_batches_per_epoch(self.trainer)))
         scheduler = build_scheduler(optimizer, train, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -205,11 +206,15 @@ class EpochSummary(pl.Callback):
 
 
 def _batches_per_epoch(trainer: pl.Trainer) -> float:
-    """Optimizer steps in one epoch. Lightning has not sized an epoch yet when a run has max_steps and no epoch
-    count (it reports inf): then it is the data module's batches, cut by limit_batches as Lightning will."""
-    batches = trainer.num_training_batches
-    if math.isfinite(batches):
-        return batches
-    batches = getattr(trainer.datamodule, "steps_per_epoch", 0) or 1
+    """Optimizer steps in one epoch: the data module's batches (it is set up before the optimizers), cut by
+    limit_batches as Lightning will. Lightning's own count would set up its train loader now, before a checkpoint
+    is restored, and a run resumed mid-epoch would then go on with a loader made for epoch 0; it is asked only
+    for data that does not say its steps_per_epoch."""
+    batches = getattr(trainer.datamodule, "steps_per_epoch", 0)
+    if not batches:
+        trainer.estimated_stepping_batches  # noqa: B018  (sets up the train data, counts batches)
+        if math.isfinite(trainer.num_training_batches):
+            return trainer.num_training_batches
+        batches = 1
     limit = trainer.limit_train_batches              # a count (int) or a fraction (float), as Lightning takes it
     return min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))

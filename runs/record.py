@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ from .module import NonFiniteLoss
 from .plots import error_curves
 
 RUN_ID_ENV = "RESLAB_RUN_ID"   # hands the MLflow run id to DDP processes started by the launcher
+HOST_TAG, PID_TAG = "reslab.host", "reslab.pid"   # the process that has the run open (a stale RUNNING run: gone)
+ENDING_TAGS = ("pruned_reason", "interrupted_by")  # said by an ending; cleared when the run is reopened
 
 
 @dataclass
@@ -82,6 +86,7 @@ class RunRecord:
         self.run_id = os.environ.get(RUN_ID_ENV) or resume or ""
         self.recorded_through = 0          # epochs already in MLflow (a resumed run)
         self.result: Optional[RunResult] = None
+        self.ended = False                 # the MLflow run was ended (rank 0)
         self._monitor: Any = None
         self._module: Any = None
         self._final: Optional[Path] = None
@@ -114,7 +119,8 @@ class RunRecord:
         else:
             exp_id = tracking.ensure_experiment(client, self.experiment or tracking.experiment_name(spec),
                                                 self.output_dir)
-        tags = {**tracking.spec_tags(spec, self.cost), **{k: str(v) for k, v in (self.tags or {}).items()}}
+        tags = {**tracking.spec_tags(spec, self.cost), **owner_tags(),
+                **{k: str(v) for k, v in (self.tags or {}).items()}}
         run_id = tracking.create_run(client, exp_id, self.run_name or spec.name, parent_run_id=self.parent_run_id)
         try:
             tracking.log_params(client, run_id, tracking.spec_params(spec))
@@ -142,10 +148,19 @@ class RunRecord:
         if recorded and recorded != spec_hash(self.spec):
             raise ReslabError(f"the spec differs from run {run_id}'s (hash {spec_hash(self.spec)} vs {recorded}); "
                               f"resume without a spec file to continue the recorded one", file="--resume")
-        for tag in (tracking.FAILURE_TAG, tracking.STATE_TAG):
+        if run.info.status == "RUNNING":
+            owner = run_owner(run)
+            if owner == "alive":
+                raise ReslabError(f"run {run_id} is still running (process {run.data.tags.get(PID_TAG)} on this "
+                                  f"machine); stop it first", file="--resume")
+            print(f"note: run {run_id} was left RUNNING by process {run.data.tags.get(PID_TAG, '?')} on "
+                  f"{run.data.tags.get(HOST_TAG, 'an unknown machine')}, "
+                  f"{'which is gone (killed?)' if owner == 'gone' else 'which cannot be checked from here'}; "
+                  f"resuming from its last checkpoint", file=sys.stderr)
+        for tag in (tracking.FAILURE_TAG, tracking.STATE_TAG, *ENDING_TAGS):
             if tag in run.data.tags:
                 client.delete_tag(run_id, tag)
-        client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+        tracking.set_tags(client, run_id, {"resumed": int(run.data.tags.get("resumed", "0")) + 1, **owner_tags()})
         client.update_run(run_id, status="RUNNING")
         history = tracking.read_history(client, run_id, ("train/loss",))
         return max((int(r["epoch"]) for r in history), default=0)
@@ -158,15 +173,25 @@ class RunRecord:
         history = list(self._module.history) if self._module is not None else []
         test = dict((self._module.results.get("test") or {}) if self._module is not None else {})
         if self.client is not None:
+            tracking.stop_system_metrics(self._monitor)
             try:
                 history = tracking.read_history(self.client, self.run_id)
                 test = {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items()
                         if k.startswith("test/")}
                 self._log_artifacts(history, final)
-            finally:
-                tracking.stop_system_metrics(self._monitor)
+            except Exception as e:  # noqa: BLE001  (a run that could not be trained is still ended below)
+                if exc is None:
+                    raise
+                print(f"note: could not keep run {self.run_id}'s curves: {first_line(e)}", file=sys.stderr)
+            try:
                 tracking.end_run(self.client, self.run_id, ending.status,
                                  {tracking.STATE_TAG: ending.state, **({ending.why_tag: why} if why else {})})
+                self.ended = True
+            except Exception as e:  # noqa: BLE001  (the store itself failed: say so, keep the first error)
+                if exc is None:
+                    raise
+                print(f"note: could not mark run {self.run_id} {ending.status} in MLflow: {first_line(e)}",
+                      file=sys.stderr)
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
         metrics.update(test)
         self.result = RunResult(run_id=self.run_id, status="FINISHED" if ending is FINISHED else "FAILED",
@@ -183,6 +208,28 @@ class RunRecord:
                 self.client.log_artifact(self.run_id, str(png))
         if checkpoint is not None:
             self.client.log_artifact(self.run_id, str(checkpoint), "checkpoints")
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process has the run open: this machine's name and this process's id."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def run_owner(run: Any) -> str:
+    """For a RUNNING run: 'alive' when its process still runs on this machine, 'gone' when it does not (the run
+    is stale: killed without ending it), 'unknown' when it ran on another machine (or says nothing)."""
+    host, pid = run.data.tags.get(HOST_TAG), run.data.tags.get(PID_TAG)
+    if host != socket.gethostname() or not (pid or "").isdigit():
+        return "unknown"
+    if int(pid) == os.getpid():                 # this very process: it is not training that run any more
+        return "gone"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        return "alive"
+    return "alive"
 
 
 def model_table(cost: Complexity) -> str:

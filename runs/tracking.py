@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import pytorch_lightning as pl
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
 
 from arches import Complexity, Spec, diff_from_base, spec_hash
@@ -24,6 +25,7 @@ from arches.errors import ReslabError, first_line
 from arches.spec import flatten
 
 from .quiet import quiet
+from .stores import open_sqlite, schema_lock, sqlite_path, writable_folder
 
 MAX_KEY = 250                  # MLflow limits: param/metric key length,
 MAX_PARAM_VALUE = 6000         # param value length,
@@ -41,9 +43,9 @@ MetricKey = Union[str, Sequence[str]]
 
 # ---- stores and experiments -----------------------------------------------------------------------------
 def default_tracking_uri(output_dir: str | Path = "outputs") -> str:
-    """sqlite:///<abs output_dir>/mlflow.db (the folder is created)."""
+    """sqlite:///<abs output_dir>/mlflow.db (the folder is created; one-line error when it cannot be)."""
     out = Path(output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--output-dir")
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
@@ -85,25 +87,42 @@ def reachable(uri: str, timeout_s: float = 5.0) -> Optional[str]:
     return None
 
 
+def _open_client(uri: str) -> MlflowClient:
+    """A client on the store, its tables created or upgraded (quietly: MLflow logs that at INFO). When that fails,
+    MLflow's cached engine for the URI is dropped, so that a store made anew in its place is opened afresh."""
+    try:
+        with quiet():
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+    except Exception:
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+        raise
+    return client
+
+
 def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") -> MlflowClient:
-    """An MlflowClient on the given store (default: the sqlite file in output_dir); one-line error if unusable."""
+    """An MlflowClient on the given store (default: the sqlite file in output_dir), opened safely against other
+    commands opening it too (runs.stores); one-line error if unusable."""
+    flag = "--tracking-uri" if tracking_uri else "--output-dir"
     uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    elif "://" not in uri:
+    if "://" not in uri:
         raise ReslabError(f"tracking URI '{uri}' has no scheme; use sqlite:///path/mlflow.db, "
                           f"postgresql://..., or http://host:port", file="--tracking-uri")
+    path = sqlite_path(uri)
+    if path is not None:
+        return open_sqlite(path, _open_client, "MLflow store", flag,
+                           {"runs": "1", "experiments": "experiment_id != 0"})   # (0: MLflow's Default)
     problem = reachable(uri)
     if problem:
         raise ReslabError(f"cannot reach MLflow store {uri}: {problem}", file="--tracking-uri")
     try:
-        with quiet():                      # opening a new store logs its table creation at INFO
-            client = MlflowClient(uri)
-            client.search_experiments(max_results=1)
+        with schema_lock(uri, "mlflow-schema"):
+            return _open_client(uri)
     except Exception as e:  # noqa: BLE001  (any store failure is a bad --tracking-uri)
         first = first_line(e) or type(e).__name__
         raise ReslabError(f"cannot open MLflow store {uri}: {first}", file="--tracking-uri") from None
-    return client
 
 
 def experiment_name(spec: Spec) -> str:

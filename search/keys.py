@@ -11,6 +11,7 @@ PARENT = "reslab.parent_run_id"         # the study's MLflow parent run
 KIND = "reslab.kind"                    # ablation | search
 TEXT = "reslab.file_text"               # the study file as written
 BASE_TEXT = "reslab.base_text"          # its base spec as written
+TRIAL_THREADS = "reslab.trial_threads"  # CPU threads every trial runs with (fixed when the study is made)
 
 # ---- Optuna trial attributes (search.trials.TrialRecord reads and writes them) ----
 OUTCOME = "reslab.outcome"              # one of OUTCOMES
@@ -23,6 +24,8 @@ ARM = "reslab.arm"                      # ablation cell: arm name ...
 SEED = "reslab.seed"                    # ... and seed
 RETRY_OF = "reslab.retry_of"            # number of the trial this one retries
 ATTEMPT = "reslab.attempt"              # 1 for a first attempt
+THREADS = "reslab.threads"              # CPU threads the trial ran with ...
+DEVICE = "reslab.device"                # ... and where: cpu, or the GPU's name
 QUEUED = "fixed_params"                 # Optuna's own system attribute: the values a trial was enqueued with
 
 # Outcomes: a result (never run again) ...

@@ -44,6 +44,7 @@ class TrialContext:
     progress: Optional[bool] = False
     worker: int = 0
     client: Any = None
+    threads: Optional[int] = None          # CPU threads of every trial (the study's), unless the spec says
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     plan = ctx.plan
     if plan.kind == "ablation":
         arm, seed = ablation_cell(trial, plan)
-        spec = plan.arm_spec(arm, seed)
+        spec = plan.arm_spec(arm, seed, threads=ctx.threads)
         values: dict[str, Any] = {"arm": arm, "seed": seed, **plan.arm(arm).labels}
         if plan.arm(arm).width_multiplier is not None:
             values["width_multiplier"] = plan.arm(arm).width_multiplier
@@ -153,7 +154,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     else:
         values = sample(trial, plan)
         try:
-            spec = plan.search_spec(values)
+            spec = plan.search_spec(values, threads=ctx.threads)
         except SpecError as e:
             return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
         run_name = f"trial {trial.number}"
@@ -162,7 +163,9 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
                  keys.TRIAL_TAG: str(trial.number)})
     complexity_ = complexity(spec)                       # once: the costs and the run's records share it
     cost = costs(spec, latency=any(m.name == "latency_ms" for m in plan.metrics), cost=complexity_)
-    TrialRecord.put(trial, cost=cost, width_multiplier=spec.width_multiplier)
+    device = torch.cuda.get_device_name() if uses_cuda(spec) else "cpu"
+    TrialRecord.put(trial, cost=cost, width_multiplier=spec.width_multiplier, threads=spec.train.threads,
+                    device=device)
     callbacks = []
     if plan.kind == "search" and plan.pruner is not None and plan.pruner.type != "none":
         callbacks.append(PruningCallback(trial, plan.pruner.metric))

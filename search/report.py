@@ -76,7 +76,7 @@ def _ablation(meta: dict, trials: list) -> dict:
     values: dict[str, dict[str, dict[int, float]]] = {m["name"]: {a: {} for a in arms} for m in meta["metrics"]}
     info = {a: {"name": a, "labels": arms[a]["labels"], "reference": arms[a]["reference"],
                 "width_multiplier": arms[a].get("width_multiplier"), "params": None, "macs": None,
-                "complete": [], "failed": [], "running": [], "duplicates": 0} for a in arms}
+                "complete": [], "failed": [], "running": [], "duplicates": 0, "environments": []} for a in arms}
     for t in trials:
         arm, seed = t.params.get("arm"), t.params.get("seed")
         if arm not in info:
@@ -90,6 +90,9 @@ def _ablation(meta: dict, trials: list) -> dict:
                 row["duplicates"] += 1
                 continue
             row["complete"].append(seed)
+            where = environment(rec)
+            if where not in row["environments"]:
+                row["environments"].append(where)
             for m in values:
                 if m in rec.metrics:
                     values[m][arm][seed] = float(rec.metrics[m])
@@ -99,13 +102,20 @@ def _ablation(meta: dict, trials: list) -> dict:
             row["running"].append(seed)
     references = {a: arms[a]["reference"] for a in arms}
     results = {m: [s.to_dict() for s in compare_arms(values[m], references)] for m in values}
+    mixed = len({w for row in info.values() for w in row["environments"]}) > 1
     out: dict[str, Any] = {"seeds": meta["seeds"], "axes": meta["axes"], "arms": list(info.values()),
-                           "results": results, "pivots": []}
+                           "results": results, "pivots": [], "mixed_environments": mixed}
     pivot = meta.get("pivot")
     if pivot:
         for m in pivot.get("metrics") or [x["name"] for x in meta["metrics"]]:
             out["pivots"].append(_pivot(meta, values[m], m, pivot["rows"], pivot["columns"]))
     return out
+
+
+def environment(rec: TrialRecord) -> str:
+    """Where a trial ran: '2 threads, cpu' (arithmetic differs between thread counts and devices)."""
+    threads = "? threads" if rec.threads is None else f"{rec.threads} thread{'s' if rec.threads != 1 else ''}"
+    return f"{threads}, {rec.device or '?'}"
 
 
 def _pivot(meta: dict, values: dict[str, dict[int, float]], metric: str, rows: str, columns: str) -> dict:
@@ -238,6 +248,10 @@ def print_report(summary: dict, console: Optional[Console] = None) -> None:
         for a in summary["arms"]:
             for f in a["failed"]:
                 console.print(f"[red]arm {a['name']} seed {f['seed']} failed[/red]: {f['reason']}")
+        if summary.get("mixed_environments"):
+            console.print("[yellow]note: trials ran with different CPU threads or devices, so results may differ "
+                          "by arithmetic too:[/yellow] " + "; ".join(f"{a['name']}: {' / '.join(a['environments'])}"
+                                                                      for a in summary["arms"]), soft_wrap=True)
     else:
         print_search(summary, console)
     if summary["importances"]:

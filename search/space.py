@@ -201,12 +201,13 @@ class StudyPlan:
         """Every (arm, seed) an ablation trains, arms in file order."""
         return [(a.name, s) for a in self.arms for s in self.seeds]
 
-    def arm_spec(self, arm: str, seed: int) -> Spec:
-        """The spec of one ablation cell."""
+    def arm_spec(self, arm: str, seed: int, threads: Optional[int] = None) -> Spec:
+        """The spec of one ablation cell (`threads`: the study's CPU threads, when the spec gives none)."""
         a = self.arm(arm)
-        return self.build(a.settings + [Setting("train.seed", seed, "<seed>", None)], a.width_multiplier)
+        return self.build(a.settings + [Setting("train.seed", seed, "<seed>", None)], a.width_multiplier,
+                          threads)
 
-    def search_spec(self, values: dict[str, Any]) -> Spec:
+    def search_spec(self, values: dict[str, Any], threads: Optional[int] = None) -> Spec:
         """The spec of one search trial from its sampled values (Optuna params)."""
         settings: list[Setting] = []
         for dim in self.dimensions:
@@ -215,16 +216,19 @@ class StudyPlan:
                 settings += dim.groups[str(value)]
             else:
                 settings.append(Setting(dim.key, value, str(self.file), dim.line))
-        return self.build(settings)
+        return self.build(settings, threads=threads)
 
-    def build(self, settings: Iterable[Setting], width_multiplier: Optional[float] = None) -> Spec:
-        """The base document with these settings applied (and a compute-matched width_multiplier last),
-        validated into a Spec (errors point at the settings)."""
+    def build(self, settings: Iterable[Setting], width_multiplier: Optional[float] = None,
+              threads: Optional[int] = None) -> Spec:
+        """The base document with these settings applied (then a compute-matched width_multiplier, and the
+        study's CPU threads where the spec sets none), validated into a Spec (errors point at the settings)."""
         data = copy.deepcopy(self.document)
         source = copy.deepcopy(self.source)
         match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
         for s in [*settings, *match]:
             apply_setting(data, source, s)
+        if threads is not None and (data.get("train") or {}).get("threads") is None:
+            apply_setting(data, source, Setting("train.threads", threads, "<study>", None))
         return spec_from_dict(data, source)
 
     def fingerprint(self) -> str:

@@ -205,6 +205,7 @@ class Prepared:
     experiment_id: str
     parent_run_id: str
     created: bool
+    threads: int = 1                         # CPU threads of every trial (keys.TRIAL_THREADS)
     client: Any = None
 
 
@@ -227,6 +228,9 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
             raise ReslabError(f"study '{plan.name}' in {shown(opts.storage)} was made from another definition "
                               f"(the file, its base spec or --set changed); run it under a new name with --study "
                               f"NAME", file=str(plan.file))
+        if keys.TRIAL_THREADS not in attrs:   # fixed once: a cell's result must not depend on the worker count
+            study.set_user_attr(keys.TRIAL_THREADS, trial_threads(plan))
+        threads = int(study.user_attrs[keys.TRIAL_THREADS])
         if created or keys.FINGERPRINT not in attrs:
             study.set_user_attr(keys.FINGERPRINT, fingerprint)
             study.set_user_attr(keys.KIND, plan.kind)
@@ -244,7 +248,15 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
             tracking.log_files(client, parent, [plan.file, plan.base], "study")
         else:
             recording.reopen(client, parent)
-    return Prepared(plan.name, experiment, experiment_id, parent, created, client)
+    return Prepared(plan.name, experiment, experiment_id, parent, created, threads, client)
+
+
+def trial_threads(plan: StudyPlan) -> int:
+    """CPU threads per trial of a new study: the spec's train.threads, else 1. Never the number of workers or of
+    cores: CPU arithmetic depends on the thread count, and a cell's result must not depend on how it was run
+    (more cores: more workers)."""
+    given = (plan.document.get("train") or {}).get("threads")
+    return int(given) if isinstance(given, int) and given > 0 else 1
 
 
 # ---- the worker loop ------------------------------------------------------------------------------------
@@ -317,7 +329,8 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
                               sampler=make_sampler(plan, worker, opts.workers), pruner=make_pruner(plan))
     client = client_for(opts.tracking_uri, opts.output_dir)
     ctx = TrialContext(plan, opts.tracking_uri, prepared.experiment, prepared.experiment_id, prepared.parent_run_id,
-                       Path(opts.output_dir), progress=opts.progress, worker=worker, client=client)
+                       Path(opts.output_dir), progress=opts.progress, worker=worker, client=client,
+                       threads=prepared.threads)
     prefix = f"[worker {worker}] " if opts.workers > 1 else ""
     ran = 0
     while True:
@@ -380,29 +393,21 @@ def _gpus() -> list[str]:
     return ids[:n]
 
 
-def worker_env(index: int, workers: int, gpus: list[str], cores: int) -> dict[str, str]:
-    """Environment of worker `index`: its own GPU (round robin), or its share of the CPU cores."""
-    threads = max(1, cores // workers)
-    env = {"OMP_NUM_THREADS": str(threads), "RESLAB_WORKER_THREADS": str(threads),
+def worker_env(index: int, gpus: list[str], threads: int) -> dict[str, str]:
+    """Environment of worker `index`: its own GPU (round robin) and the study's CPU threads per trial."""
+    env = {"OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     return env
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def spawn_workers(opts: StudyOptions, status_dir: Path) -> list[tuple[subprocess.Popen, Path]]:
-    gpus, cores = _gpus(), _cores()
+def spawn_workers(opts: StudyOptions, status_dir: Path, threads: int) -> list[tuple[subprocess.Popen, Path]]:
+    gpus = _gpus()
     procs = []
     for i in range(opts.workers):
         status = status_dir / f"worker-{i}.json"
-        env = {**os.environ, **worker_env(i, opts.workers, gpus, cores)}
+        env = {**os.environ, **worker_env(i, gpus, threads)}
         args = json.dumps({**asdict(opts), "worker": i, "status": str(status)})
         proc = subprocess.Popen([sys.executable, "-m", "search.worker", args], env=env, cwd=os.getcwd())
         device = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else f"{env['OMP_NUM_THREADS']} CPU threads"
@@ -465,13 +470,10 @@ def _run_study(opts: StudyOptions) -> dict:
     errors: list[str] = []
     try:
         if opts.workers == 1:
-            threads = os.environ.get("RESLAB_WORKER_THREADS")
-            if threads:
-                torch.set_num_threads(int(threads))
             run_worker(plan, opts, prepared, 0)
         else:
             with tempfile.TemporaryDirectory(prefix="reslab-workers-") as tmp:
-                errors = wait_workers(spawn_workers(opts, Path(tmp)))
+                errors = wait_workers(spawn_workers(opts, Path(tmp), prepared.threads))
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:        # a worker's error: close the parent run rather than leave it RUNNING

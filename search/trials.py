@@ -13,7 +13,7 @@ from . import keys
 # field name -> Optuna user attribute
 ATTRIBUTES = {"outcome": keys.OUTCOME, "reason": keys.REASON, "metrics": keys.METRICS, "run_id": keys.RUN_ID,
               "cost": keys.COST, "width_multiplier": keys.WIDTH_MULTIPLIER, "arm": keys.ARM, "seed": keys.SEED,
-              "retry_of": keys.RETRY_OF, "attempt": keys.ATTEMPT}
+              "retry_of": keys.RETRY_OF, "attempt": keys.ATTEMPT, "threads": keys.THREADS, "device": keys.DEVICE}
 REASON_LIMIT = 2000          # characters of a reason kept on the trial
 
 
@@ -29,6 +29,8 @@ class TrialRecord:
     seed: Optional[int] = None
     retry_of: Optional[int] = None              # the trial this one retries
     attempt: Optional[int] = None               # 1, 2, ... (None: a first attempt of a search trial)
+    threads: Optional[int] = None               # CPU threads it ran with
+    device: Optional[str] = None                # cpu, or the GPU's name
 
     @classmethod
     def of(cls, trial: Any) -> "TrialRecord":

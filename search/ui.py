@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from arches.errors import ReslabError
-from runs.tracking import artifact_root, default_tracking_uri
+from runs.tracking import artifact_root, client_for, default_tracking_uri
 
 
 def port_free(host: str, port: int) -> bool:
@@ -36,6 +36,7 @@ def serve_ui(output_dir: str = "outputs", port: int = 5000, tracking_uri: Option
         raise ReslabError(f"port {port} is out of range", file="--port")
     if not port_free(host, port):
         raise ReslabError(f"port {port} on {host} is in use; pick another with --port", file="--port")
+    client_for(tracking_uri, output_dir)    # the store made (or upgraded) safely, as every command does, first
     cmd = ui_command(output_dir, port, tracking_uri, host)
     print(f"MLflow UI: http://{host}:{port}   (store {cmd[cmd.index('--backend-store-uri') + 1]}; Ctrl-C stops it)",
           flush=True)

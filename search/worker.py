@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import optuna
-import torch
 
 from arches.errors import ReslabError
 from runs.quiet import quiet
@@ -27,9 +26,6 @@ from .study import Prepared, StudyOptions, run_worker
 def main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     worker, status = args.pop("worker"), Path(args.pop("status"))
-    threads = os.environ.get("RESLAB_WORKER_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
     opts = StudyOptions(**args)
     try:
         with quiet():
@@ -41,7 +37,8 @@ def main(argv: list[str]) -> int:
             client = client_for(opts.tracking_uri, opts.output_dir)
             experiment = experiment_name(plan.kind, plan.name)
             prepared = Prepared(plan.name, experiment, ensure_experiment(client, experiment, opts.output_dir),
-                                study.user_attrs[keys.PARENT], created=False)
+                                study.user_attrs[keys.PARENT], created=False,
+                                threads=int(study.user_attrs[keys.TRIAL_THREADS]))
             run_worker(plan, opts, prepared, worker)
     except ReslabError as e:
         status.write_text(json.dumps({"error": str(e)}))

@@ -275,6 +275,9 @@ def test_cli_lesion_of_a_trained_model_is_a_child_of_its_training_run(trained):
     (["resnet20", "--gradients", "--readout", "first"], "--readout must be 'projection' or a logit index"),
     (["resnet20"], "say what to measure"),
     (["resnet20", "--gradients", "--run", "0123abcd"], "no MLflow run '0123abcd'"),
+    (["resnet20", "--gradients", "--device", "tpu"], "--device: 'tpu' is not a device"),
+    pytest.param(["resnet20", "--gradients", "--device", "cuda:0"], "--device: there is no cuda:0 here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_cli_bad_requests_get_one_line_and_exit_2(capsys, trained, args, message):
     import re

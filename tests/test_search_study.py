@@ -242,3 +242,24 @@ def test_multi_objective_search_records_pareto_front(tmp_path, fashion_mnist):
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "results")} >= {
         "results/pareto.png", "results/results.csv", "results/results.md", "results/summary.json"}
     assert all("trial.width_multiplier" in k.data.params for k in kids)
+
+
+def test_a_cells_result_does_not_depend_on_how_many_workers_ran_it(tmp_path):
+    """Every trial of a study runs with the study's CPU thread count (train.threads, default 1), whatever --workers
+    says: the same cells with one worker and with two give the same numbers to the last bit, and the report says
+    where they ran."""
+    path = study_file(tmp_path, "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 1}\n")
+    results = {}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}    # a user's shell: all cores on offer
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ablate", str(path), "--workers", str(workers),
+                               "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+        study = optuna.load_study(study_name="tiny", storage=storage)
+        assert study.user_attrs["reslab.trial_threads"] == 1
+        results[workers] = {(t.params["arm"], t.params["seed"]): (t.user_attrs["reslab.metrics"]["test/loss"],
+                                                                 t.user_attrs["reslab.threads"])
+                            for t in study.trials}
+    assert results[1] == results[2] and all(threads == 1 for _, threads in results[1].values())

@@ -88,6 +88,13 @@ def test_load_model_errors(store, tmp_path):
         load_model(tmp_path / "missing.ckpt")
     with pytest.raises(ReslabError, match="no MLflow run"):
         load_model("0123456789abcdef", tracking_uri=default_tracking_uri(tmp_path / "empty"))
+    (tmp_path / "notes.ckpt").write_text("epoch 3 looked good\n")
+    with pytest.raises(ReslabError, match=r"not a checkpoint \(a file written by torch.save"):
+        load_model(tmp_path / "notes.ckpt")
+    torch.save({"state_dict": {}, "extra": Path("/x")}, tmp_path / "objects.ckpt")    # a pickled Python object
+    with pytest.raises(ReslabError) as info:
+        load_model(tmp_path / "objects.ckpt")
+    assert "weights_only=True" in str(info.value) and "weights_only=False" not in str(info.value)
 
 
 class StopAfterEpoch(pl.Callback):
@@ -137,6 +144,28 @@ def test_interrupted_run_resumes_into_the_same_run(fashion_mnist, store):
     assert torch.load(result.checkpoint, weights_only=True)["global_step"] == 3 * 8
     with pytest.raises(ReslabError, match="already finished"):
         train(None, output_dir=store, progress=False, resume=run_id)
+
+
+def model_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in torch.load(checkpoint, weights_only=True)["state_dict"].items() if k.startswith("model.")}
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "rrc_flip"])
+def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(fashion_mnist, tmp_path, augment):
+    """Ctrl-C in the middle of epoch 2, then --resume: the same batches, augmentation, weights and metrics as a run
+    never stopped (the loader starts the epoch at the batch after the last one trained)."""
+    spec = small_spec(fashion_mnist, "data.train_subset=768", "train.epochs=2", "train.batch_size=128",
+                      "data.test_subset=256", "data.val_size=256", f"data.augment={augment}")
+    whole = train(spec, output_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(Interrupted) as info:
+        train(spec, output_dir=tmp_path / "stopped", progress=False, callbacks=[InterruptInEpoch(epoch=2, batch=2)])
+    assert torch.load(info.value.checkpoint, weights_only=True)["global_step"] == 6 + 3
+    resumed = train(None, output_dir=tmp_path / "stopped", progress=False, resume=info.value.run_id)
+    a, b = model_weights(whole.checkpoint), model_weights(resumed.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    for key in ("train/loss", "train/acc", "val/loss", "test/acc"):
+        assert resumed.metrics[key] == whole.metrics[key], key
 
 
 def test_resume_skips_epochs_already_recorded(fashion_mnist, store):

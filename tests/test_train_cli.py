@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, measure_test_accuracy, run_cli
+from runs.record import run_owner
 from runs.tracking import default_tracking_uri
 
 TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "data.val_size=256", "data.test_subset=512"]
@@ -64,6 +66,16 @@ def test_missing_data_is_one_line_exit_2(outputs, tmp_path):
     assert not (outputs / "checkpoints").exists()   # no run was started
 
 
+def test_corrupt_data_fails_before_any_run_is_recorded(fashion_mnist, outputs, tmp_path):
+    for f in fashion_mnist.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes((fashion_mnist / "t10k-labels-idx1-ubyte.gz").read_bytes()[:300])
+    done = run_cli(*tiny(tmp_path, "data.train_subset=256"), "--output-dir", str(outputs))
+    assert done.returncode == 2 and "corrupt gzip" in one_line(done.stderr), done.stderr
+    client = MlflowClient(default_tracking_uri(outputs))
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def test_bad_store_and_unknown_resume_are_one_line_exit_2(outputs):
     done = run_cli("run", "specs/fmnist_resnet20.yaml", "--tracking-uri", "nowhere", "--output-dir", str(outputs))
     assert done.returncode == 2 and "--tracking-uri" in one_line(done.stderr)
@@ -111,6 +123,32 @@ def test_sigterm_then_resume(fashion_mnist, outputs):
     for key in ("train/loss", "val/loss", "lr", "images_per_s"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4, 5], key
     assert [m.step for m in client.get_metric_history(run_id, "test/acc")] == [5]
+
+
+def test_sigkill_after_an_epoch_then_resume(fashion_mnist, outputs):
+    """kill -9 once epoch 1's checkpoint is on disk: the run is left RUNNING (detectably stale: its process is
+    gone), and `run --resume` says so and finishes it from epoch 2, every epoch recorded once."""
+    args = tiny(fashion_mnist, "data.train_subset=512", "train.epochs=3", "train.batch_size=64")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--output-dir", str(outputs)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    assert first.startswith("epoch 1/3"), first + proc.stderr.read()
+    deadline = time.time() + 120
+    while not list(outputs.glob("checkpoints/*/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    client, run = only_run(outputs)
+    run_id = run.info.run_id
+    assert run.info.status == "RUNNING" and run_owner(run) == "gone"
+
+    done = run_cli("run", "--resume", run_id, "--output-dir", str(outputs), "--progress", "lines")
+    assert done.returncode == 0, done.stderr
+    assert f"run {run_id} was left RUNNING by process {proc.pid}" in done.stderr and "gone" in done.stderr
+    client, run = only_run(outputs)
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "FINISHED"
+    for key in ("train/loss", "val/loss"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
 
 
 def test_ddp_two_cpu_processes_make_one_run(fashion_mnist, outputs):

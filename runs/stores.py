@@ -1,0 +1,167 @@
+"""Opening a store's database safely, whoever else opens it at the same moment: MLflow's tracking store and Optuna's
+storage both create their tables on first use.
+
+- A new SQLite file is built under a temporary name and renamed into place, under a file lock beside it: two
+  commands starting together on a fresh folder wait for each other, and a kill at any moment leaves no half-made
+  store (only a temporary file, removed by the next command).
+- A SQLite store that a killed process left half-made anyway (by an older reslab) is moved aside and made anew
+  when it holds nothing; when it holds records, one line says so and how to repair it.
+- A database server's store is opened under an advisory lock (PostgreSQL, MySQL), so machines starting together on
+  a new database do not collide in its catalog.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from arches.errors import ReslabError, first_line
+
+T = TypeVar("T")
+SERVER_DIALECTS = ("postgresql", "postgres", "mysql", "mariadb")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):]
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def writable_folder(folder: Path, flag: str) -> None:
+    """Create `folder` if needed and check that files can be written in it; one-line ReslabError if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".reslab-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except FileExistsError:
+        raise ReslabError(f"{folder} is a file, not a folder", file=flag) from None
+    except OSError as e:
+        raise ReslabError(f"cannot write in {folder}: {e.strerror or first_line(e)}", file=flag) from None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on <path>.lock (it dies with its process: a killed command never leaves it held)."""
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_sqlite(path: Path, open_store: Callable[[str], T], what: str, flag: str, records: dict[str, str],
+                repair: bool = True) -> T:
+    """open_store(url) on the SQLite store at `path`, made atomically first when missing (see the module).
+    `records`: {table: SQL condition} of the rows that are the store's records (a half-made store has none)."""
+    writable_folder(path.parent, flag)
+    with file_lock(path):
+        for stale in path.parent.glob(f".{path.name}.*.creating*"):   # left by a killed command
+            stale.unlink(missing_ok=True)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+            try:
+                open_store(f"sqlite:///{tmp}")
+                os.replace(tmp, path)
+            finally:
+                for leftover in path.parent.glob(f"{tmp.name}*"):
+                    leftover.unlink(missing_ok=True)
+        try:
+            return open_store(f"sqlite:///{path}")
+        except ReslabError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a store that cannot be opened: half-made, or not a store)
+            problem = first_line(e) or type(e).__name__
+            if not repair or _holds_records(path, records):
+                raise ReslabError(f"cannot open the {what} at {path}: {problem}; it holds records, so it was left as "
+                                  f"it is: copy it aside, then try to repair it (for MLflow: `mlflow db upgrade "
+                                  f"sqlite:///{path}`)", file=flag) from None
+            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            print(f"note: the {what} at {path} was half-made and held no records ({problem}); moved it to {aside} "
+                  f"and made a new one", file=sys.stderr)
+    return open_sqlite(path, open_store, what, flag, records, repair=False)
+
+
+def _holds_records(path: Path, records: dict[str, str]) -> bool:
+    """Whether any of the tables that exist has a row meeting its condition."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            return any(db.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0] > 0
+                       for table, where in records.items() if table in names)
+    except sqlite3.Error:
+        return False              # not even a database: nothing to keep
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+DISK_MESSAGES = ("database or disk is full", "readonly database", "No space left on device", "Read-only file system")
+
+
+def disk_problem(exc: BaseException) -> str | None:
+    """The one-line reason when `exc` says the disk is full or cannot be written (an OSError, or SQLite saying so
+    through MLflow or Optuna), else None."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else (exc.strerror or first_line(exc))
+    text = first_line(exc)
+    return text if any(m in text for m in DISK_MESSAGES) else None
+
+
+def dialect_of(url: str) -> str:
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+@contextlib.contextmanager
+def server_lock(engine, name: str) -> Iterator[None]:
+    """Hold a server-wide named lock (PostgreSQL advisory lock, MySQL GET_LOCK); it dies with its connection."""
+    from sqlalchemy import text
+
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        take, give, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": _lock_key(name)}
+    elif dialect in ("mysql", "mariadb"):
+        take, give = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
+        args = {"k": f"reslab-{hashlib.sha1(name.encode()).hexdigest()[:40]}"}
+    else:
+        raise ReslabError(f"storage {dialect}: reslab can share studies through sqlite, postgresql or mysql",
+                          file="--storage")
+    with engine.connect() as conn:
+        conn.execute(text(take), args)
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text(give), args)
+            conn.commit()
+
+
+@contextlib.contextmanager
+def schema_lock(url: str, name: str, connect_timeout_s: int = 10) -> Iterator[None]:
+    """On a database server, hold the advisory lock `name` while a store is opened (its tables created or
+    upgraded); elsewhere nothing."""
+    if dialect_of(url) not in SERVER_DIALECTS:
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": connect_timeout_s},
+                                      poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with server_lock(engine, name):
+            yield
+    finally:
+        engine.dispose()
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"reslab/{name}".encode(), digest_size=8).digest(), "big", signed=True)
