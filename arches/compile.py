@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .init import Resolve, load_init
 from .plan import NetworkPlan, plan_network
 from .schema import Spec
 
@@ -38,6 +40,7 @@ class Network(nn.Module):
         self.dropout = nn.Dropout(spec.head.dropout) if spec.head.dropout > 0 else None
         self.fc = nn.Linear(plan.out_channels, spec.classes)
         init_weights(self, spec.train.seed)
+        self.init_report = None            # what `init_from` loaded (build_model(spec, init=True))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -93,6 +96,11 @@ def init_weights(model: nn.Module, seed: int) -> None:
             m.init_residual()
 
 
-def build_model(spec: Spec) -> Network:
-    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights)."""
-    return Network(spec, plan_network(spec))
+def build_model(spec: Spec, *, init: bool = False, resolve: Optional[Resolve] = None) -> Network:
+    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights). With
+    `init`, then load `spec.init_from` (arches.init; an MLflow run id is turned into its checkpoint by `resolve`,
+    runs.checkpoint.init_checkpoint); what loaded is in `network.init_report`."""
+    model = Network(spec, plan_network(spec))
+    if init:
+        model.init_report = load_init(model, spec, resolve)
+    return model

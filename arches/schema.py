@@ -6,9 +6,10 @@ A spec is stem -> stages of blocks -> head, plus the data set and the training r
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator
 
 # He et al. 2016 (Identity Mappings), Fig. 4: where BN and ReLU sit around the addition.
 PLACEMENTS = ("original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact")
@@ -141,9 +142,25 @@ class Spec(Strict):
     block: BlockSpec = BlockSpec()
     stages: list[StageSpec] = Field(min_length=1)
     head: HeadSpec = HeadSpec()
+    init_from: Optional[str] = None    # start from these weights: a state_dict file (torch.save'd .pt/.pth/.ckpt/.th,
+    # ^ or .safetensors: torchvision, timm, CIFAR-ResNet checkpoints) or an MLflow run id (its last checkpoint)
+    init_strict: bool = True           # every tensor must fit; false: load those that fit by name and shape
+    # ^ and keep the seeded init elsewhere (`show` lists what loaded)
+    init_map: dict[str, str] = {}      # regex -> replacement on the file's key names, after the built-in ones
+    # ^ (a `module.` prefix dropped, `linear` -> `fc`, `shortcut` -> `downsample`)
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     _source: Any = PrivateAttr(default=None)  # arches.spec.Source: files, lines, base, overrides
+
+    @field_validator("init_map")
+    @classmethod
+    def _init_map_patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+        return v
 
 
 # Shapes of the named data sets: channels, side, classes (checked against `input` and `classes`).

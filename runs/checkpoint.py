@@ -5,6 +5,7 @@ is rebuilt from the checkpoint alone.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -91,6 +92,12 @@ def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
             return candidate
     raise ReslabError(f"run {run_id} has no checkpoint (looked in: {', '.join(dict.fromkeys(tried))})",
                       file="run id")
+
+
+def init_checkpoint(run_id: str) -> Path:
+    """The file a spec's `init_from: RUN_ID` starts from: that run's checkpoint, looked up in $MLFLOW_TRACKING_URI
+    (else the default store, outputs/mlflow.db). Passed to arches.build_model as `resolve`."""
+    return find_checkpoint(run_id, os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def load_model(ref: Union[str, Path], tracking_uri: Optional[str] = None) -> tuple[Spec, Network]:

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from arches import Spec, build_model, spec_from_dict
 
+from .checkpoint import init_checkpoint
 from .recipe import build_optimizer, build_scheduler
 
 SPLITS = ("train", "val", "test")
@@ -44,7 +45,7 @@ class ReslabModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters({"spec": spec})
         self.spec: Spec = spec_from_dict(spec)
-        self.model = build_model(self.spec)
+        self.model = build_model(self.spec, init=True, resolve=init_checkpoint)   # init_from's weights, if any
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
         classes = self.spec.classes
         # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'

@@ -213,6 +213,10 @@ BAD = {
     "missing": ("stages: [{depth: 1, width: 8}]\n", r"bad\.yaml:1: name: required key is missing"),
     "block_index": ("name: x\nstages:\n  - {depth: 1, width: 8, blocks: {3: {type: plain}}}\n",
                     r"bad\.yaml:3: stages\.0\.blocks\.3: block index 3 out of range"),
+    "init_map": ("name: x\nstages: [{depth: 1, width: 8}]\ninit_map: {'layer(': x}\n",
+                 r"bad\.yaml:3: init_map: 'layer\(' is not a regular expression"),
+    "init_missing": ("name: x\nstages: [{depth: 1, width: 8}]\ninit_from: weights.pt\n",
+                     r"bad\.yaml:3: init_from: no such file 'weights\.pt' \(nor an MLflow run id"),
 }
 
 
