@@ -186,7 +186,7 @@ def _message(err: dict, model: type[BaseModel], loc: tuple) -> str:
         msg = f"got {got!r}; expected {expected}{did_you_mean(got, choices)}"
     elif err["type"] == "missing":
         msg = "required key is missing"
-    elif "input" in err and not isinstance(err["input"], (dict, list)):
+    elif "input" in err and not isinstance(err["input"], (dict, list)) and not msg.startswith("got "):
         msg = f"{msg} (got {err['input']!r})"
     return msg
 
