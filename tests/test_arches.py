@@ -42,6 +42,21 @@ def test_params_equal_the_authors_code(name):
     assert complexity(load_spec(ROOT / "specs" / f"{name}.yaml")).params == AUTHORS[name]
 
 
+def test_readme_exactness_table_lists_every_spec():
+    """Every spec has a row: reference, its count, reslab's count (measured here) and the difference."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    row = r"^\| `(\w+)` \| ([^|]+) \| ([\d,]+|-) \| ([\d,]+) \| ([^|]+) \|$"   # spec, reference, its count, ours, diff
+    rows = {m[0]: m[1:] for m in re.findall(row, text, re.M)}
+    assert sorted(rows) == sorted(p.stem for p in SPECS)
+    for name, (_, reference, ours, difference) in rows.items():
+        params = complexity(load_spec(ROOT / "specs" / f"{name}.yaml")).params
+        assert int(ours.replace(",", "")) == params, name
+        if reference != "-":
+            assert difference.strip() == "0" and int(reference.replace(",", "")) == params, name
+
+
 def test_state_dict_names_and_shapes_are_torchvisions():
     reference = json.loads((ROOT / "tests" / "data" / "torchvision_state_dict_shapes.json").read_text())
     for name, shapes in reference.items():
