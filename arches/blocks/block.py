@@ -17,7 +17,7 @@ from ..layers import DropPath, SqueezeExcite, se_channels
 from ..registry import BLOCKS, PLACEMENTS, VARIANTS
 from ..schema import BlockSpec
 from ..shortcuts import ZeroPadShortcut
-from . import placements  # noqa: F401  (registers the placements: PLACEMENTS is full from here on)
+from . import placements  # noqa: F401  (registers the placements)
 from .merges import Merge, NoShortcut
 
 
