@@ -78,15 +78,30 @@ def load_network_spec(path: str, overrides=()):
 # ---- commands --------------------------------------------------------------------------------------------
 def cmd_show(args) -> int:
     from arches import complexity
-    from arches.report import complexity_table
+    from arches.report import complexity_table, init_lines
 
     spec = load_network_spec(args.spec, args.overrides)
     cost = complexity(spec)
+    init = init_from_report(spec)
     if args.json:
-        print(json.dumps(cost.to_dict(), indent=2))
+        print(json.dumps({**cost.to_dict(), **({"init": init.to_dict()} if init else {})}, indent=2))
     else:
         complexity_table(cost)
+        if init:
+            print("\n".join(init_lines(init, len(init.loaded) + len(init.mismatched) + len(init.missing))))
     return 0
+
+
+def init_from_report(spec):
+    """What the spec's `init_from` loads (None without one); a run id is resolved as `run` resolves it."""
+    from arches.init import init_report, is_run_id
+
+    if not spec.init_from:
+        return None
+    resolve = None
+    if is_run_id(spec.init_from):
+        from runs.checkpoint import init_checkpoint as resolve
+    return init_report(spec, resolve)
 
 
 def cmd_validate(args) -> int:

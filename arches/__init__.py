@@ -5,6 +5,7 @@
     cost = complexity(spec)          # params, MACs, activations; total and per stage/block
 """
 from .blocks import BLOCKS, Block, register
+from .registry import PLACEMENTS, SHORTCUTS, STEMS, VARIANTS
 from .compile import Network, build_model
 from .complexity import Complexity, complexity
 from .errors import ReslabError, SpecError
@@ -12,6 +13,7 @@ from .plan import plan_network
 from .schema import BlockSpec, DataSpec, Spec, TrainSpec
 from .spec import diff_from_base, load_spec, spec_from_dict, spec_hash, to_yaml
 
-__all__ = ["BLOCKS", "Block", "BlockSpec", "Complexity", "DataSpec", "Network", "ReslabError", "Spec",
+__all__ = ["BLOCKS", "PLACEMENTS", "SHORTCUTS", "STEMS", "VARIANTS",
+           "Block", "BlockSpec", "Complexity", "DataSpec", "Network", "ReslabError", "Spec",
            "SpecError", "TrainSpec", "build_model", "complexity", "diff_from_base", "load_spec",
            "plan_network", "register", "spec_from_dict", "spec_hash", "to_yaml"]

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .init import Resolve, load_init
 from .plan import NetworkPlan, plan_network
 from .schema import Spec
+from .stems import stem_modules
 
 
 class Network(nn.Module):
@@ -16,28 +19,22 @@ class Network(nn.Module):
 
     def __init__(self, spec: Spec, plan: NetworkPlan):
         super().__init__()
-        c, stem = plan.stem_channels, spec.stem
-        if stem.type == "imagenet":
-            self.conv1 = nn.Conv2d(spec.input.channels, c, 7, stride=2, padding=3, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(spec.input.channels, c, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c) if stem.act else nn.Identity()
-        self.relu = nn.ReLU(inplace=True) if stem.act else nn.Identity()
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem.type == "imagenet" else nn.Identity()
+        for name, module in stem_modules(spec, plan.stem_channels).items():
+            self.add_module(name, module)
         stages: dict[int, list[nn.Module]] = {}
         for b in plan.blocks:
-            stages.setdefault(b.stage, []).append(b.cls(b.in_channels, b.width, b.stride, b.cfg))
+            stages.setdefault(b.stage, []).append(b.cls(b.in_channels, b.width, b.stride, b.cfg, b.drop_path))
         self.stage_names = []
         for s, blocks in stages.items():
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
             self.stage_names.append(f"layer{s + 1}")
-        last = plan.blocks[-1].cfg.placement
-        self.final_bn = nn.BatchNorm2d(plan.out_channels) if last == "full_preact" else None
-        self.final_relu = nn.ReLU(inplace=True) if plan.preact_head else None
+        self.final_bn = nn.BatchNorm2d(plan.out_channels) if plan.final_bn else None
+        self.final_relu = nn.ReLU(inplace=True) if plan.final_relu else None
         self.avgpool = nn.AdaptiveAvgPool2d(1) if spec.head.pool == "avg" else nn.AdaptiveMaxPool2d(1)
         self.dropout = nn.Dropout(spec.head.dropout) if spec.head.dropout > 0 else None
         self.fc = nn.Linear(plan.out_channels, spec.classes)
         init_weights(self, spec.train.seed)
+        self.init_report = None            # what `init_from` loaded (build_model(spec, init=True))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -93,7 +90,13 @@ def init_weights(model: nn.Module, seed: int) -> None:
             m.init_residual()
 
 
-def build_model(spec: Spec, plan: NetworkPlan | None = None) -> Network:
-    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights); `plan`:
-    the spec's plan_network when the caller has it already."""
-    return Network(spec, plan or plan_network(spec))
+def build_model(spec: Spec, plan: NetworkPlan | None = None, *, init: bool = False,
+                resolve: Optional[Resolve] = None) -> Network:
+    """Compile a validated spec into a network, initialised from `spec.train.seed` (see init_weights); `plan`: the
+    spec's plan_network when the caller has it already. With `init`, then load `spec.init_from` (arches.init; an
+    MLflow run id is turned into its checkpoint by `resolve`, runs.checkpoint.init_checkpoint); what loaded is in
+    `network.init_report`."""
+    model = Network(spec, plan or plan_network(spec))
+    if init:
+        model.init_report = load_init(model, spec, resolve)
+    return model

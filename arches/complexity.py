@@ -96,7 +96,7 @@ def complexity(spec: Spec, model: Network | None = None, plan: NetworkPlan | Non
         act = sum(v for k, v in acts.items() if any(k == n or k.startswith(n + ".") for n in names))
         return macs, act
 
-    stem_names = ["conv1", "bn1"]
+    stem_names = ["conv1", "bn1", "maxpool"]      # maxpool: a conv in ResNet-RS
     head_names = [n for n in ("final_bn", "fc") if getattr(model, n, None) is not None]
     rows = []
     macs, act = under(stem_names)

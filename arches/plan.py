@@ -4,13 +4,22 @@ The compiler builds exactly this plan; complexity, lesions and reports read it t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import ValidationError
 
 from .blocks import block_class
 from .errors import SpecError
+from .registry import PLACEMENTS
 from .schema import BlockSpec, Spec
+from .stems import stem_strides
+
+# drop_path.schedule -> drop probability of block l of L (1-based) for drop_path.rate
+DROP_PATH_SCHEDULES = {
+    "linear": lambda rate, l, n: rate * l / n,                            # Huang et al. 2016
+    "linear_from_zero": lambda rate, l, n: rate * (l - 1) / max(n - 1, 1),  # timm's ResNets
+    "constant": lambda rate, l, n: rate,
+}
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class BlockPlan:
     stride: int
     in_size: int         # spatial side entering the block
     out_size: int
+    drop_path: float = 0.0  # drop-path probability of its branch in training (stochastic depth)
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,8 @@ class NetworkPlan:
     stem_size: int       # spatial side after the stem
     blocks: tuple[BlockPlan, ...]
     out_channels: int    # channels reaching the head
-    preact_head: bool    # the last block is pre-activated: the head normalises first
+    final_bn: bool       # the last block's placement leaves its sum unnormalised: BN before the head ...
+    final_relu: bool     # ... and ReLU (pre-activation)
 
 
 def _fail(spec: Spec, path: tuple, message: str) -> SpecError:
@@ -53,11 +64,9 @@ def conv_out(size: int, stride: int) -> int:
 
 
 def stem_size(spec: Spec) -> int:
-    size = spec.input.size
-    if spec.stem.type == "imagenet":                # 7x7/2 conv (pad 3), 3x3/2 max-pool (pad 1)
-        size = (size + 6 - 7) // 2 + 1
-        size = (size + 2 - 3) // 2 + 1
-    return size
+    """Side after the stem: its conv, then its pool (both pad so that the side is ceil(size / stride))."""
+    conv_stride, pool_stride = stem_strides(spec)
+    return conv_out(conv_out(spec.input.size, conv_stride), pool_stride)
 
 
 def resolve_block(spec: Spec, stage_index: int, block_index: int) -> BlockSpec:
@@ -86,7 +95,7 @@ def plan_network(spec: Spec) -> NetworkPlan:
     m = spec.width_multiplier
     channels, size = scaled(spec.stem.width, m), stem_size(spec)
     stem_channels, stem_side = channels, size
-    factor = 4 if spec.stem.type == "imagenet" else 1   # total downsampling so far
+    factor = stem_strides(spec)[0] * stem_strides(spec)[1]   # total downsampling so far
     blocks: list[BlockPlan] = []
     for s, stage in enumerate(spec.stages):
         for i in stage.blocks:
@@ -117,5 +126,8 @@ def plan_network(spec: Spec) -> NetworkPlan:
             channels, size = out, new_size
     if not blocks:
         raise _fail(spec, ("stages",), "every stage has depth 0: the network has no blocks")
-    preact = blocks[-1].cfg.placement in ("relu_preact", "full_preact")
-    return NetworkPlan(stem_channels, stem_side, tuple(blocks), channels, preact)
+    schedule, rate = DROP_PATH_SCHEDULES[spec.drop_path.schedule], spec.drop_path.rate
+    if rate > 0:
+        blocks = [replace(b, drop_path=schedule(rate, n, len(blocks))) for n, b in enumerate(blocks, 1)]
+    last = PLACEMENTS.lookup(blocks[-1].cfg.placement)
+    return NetworkPlan(stem_channels, stem_side, tuple(blocks), channels, last.final_bn, last.final_relu)

@@ -5,6 +5,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .complexity import Complexity
+from .init import InitReport
 
 
 def human(n: int) -> str:
@@ -27,3 +28,28 @@ def complexity_table(cost: Complexity, console: Console | None = None, blocks: b
     table.add_row("total", str(len(cost.blocks)), "", f"{cost.params:,}", human(cost.macs), human(cost.acts))
     (console or Console()).print(table)
     return table
+
+
+def _names(keys: list, limit: int = 8) -> str:
+    shown = ", ".join(map(str, keys[:limit]))
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def init_lines(report: InitReport, total: int) -> list[str]:
+    """What `init_from` loads, for `show`: loaded keys grouped by top-level module, then every key left out."""
+    groups: dict[str, int] = {}
+    for key in report.loaded:
+        groups[key.split(".")[0]] = groups.get(key.split(".")[0], 0) + 1
+    mode = "strict" if report.strict else "init_strict: false"
+    lines = [f"init_from {report.source} ({mode}): {len(report.loaded)} of {total} tensors loaded: "
+             + ", ".join(f"{g}.* ({n})" for g, n in groups.items())]
+    if report.rules:
+        lines.append("  file keys renamed: " + ", ".join(f"{rule} ({n})" for rule, n in report.rules.items()))
+    if report.mismatched:
+        lines.append("  not loaded, shape differs: " + _names([f"{k} (network {e}, file {f})"
+                                                                for k, e, f in report.mismatched], 4))
+    if report.missing:
+        lines.append(f"  not in the file (keep their seeded init): {_names(report.missing)}")
+    if report.unexpected:
+        lines.append(f"  in the file only (ignored): {_names(report.unexpected)}")
+    return lines

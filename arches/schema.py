@@ -6,23 +6,27 @@ A spec is stem -> stages of blocks -> head, plus the data set and the training r
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, \
+    field_validator
 
-# He et al. 2016 (Identity Mappings), Fig. 4: where BN and ReLU sit around the addition.
-PLACEMENTS = ("original", "bn_after_add", "relu_before_add", "relu_preact", "full_preact")
-# Shortcut when the shape changes (He et al. 2015 A/B/C; D = avg-pool then 1x1 projection, Bag of Tricks).
-SHORTCUTS = ("A", "B", "C", "D")
-# He et al. 2016 shortcut variants (Fig. 2 / Table 1).
-VARIANTS = ("identity", "scaling", "exclusive_gate", "shortcut_gate", "conv", "dropout")
+from .registry import PLACEMENTS, SHORTCUTS, STEMS, VARIANTS  # filled when `arches` is imported
 
 
 def _placement_letter(value: Any) -> Any:
     """The paper's letters name the placements too: a..e -> original .. full_preact."""
-    if isinstance(value, str) and len(value) == 1 and value.lower() in "abcde":
-        return PLACEMENTS["abcde".index(value.lower())]
+    if isinstance(value, str) and len(value) == 1:
+        return next((name for name, cls in PLACEMENTS.items() if cls.letter == value.lower()), value)
     return value
+
+
+# A string that must name a registered piece (checked against the registry, with 'did you mean').
+Shortcut = Annotated[str, AfterValidator(lambda v: SHORTCUTS.check(v))]
+Placement = Annotated[str, BeforeValidator(_placement_letter), AfterValidator(lambda v: PLACEMENTS.check(v))]
+Variant = Annotated[str, AfterValidator(lambda v: VARIANTS.check(v))]
+StemType = Annotated[str, AfterValidator(lambda v: STEMS.check(v))]
 
 
 class Strict(BaseModel):
@@ -35,30 +39,51 @@ class InputSpec(Strict):
 
 
 class StemSpec(Strict):
-    type: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: 7x7/2 conv + 3x3/2 max-pool; cifar: 3x3/1 conv
-    width: PositiveInt = 64            # output channels of the stem conv
+    type: StemType = "imagenet"        # imagenet: 7x7/2 conv; deep: three 3x3 convs, the first /2 (ResNet-C);
+    # ^ cifar: one 3x3/1 conv (arches/stems.py)
+    width: PositiveInt = 64            # output channels of the stem
     act: bool = True                   # BN + ReLU after the stem conv (false for pre-activation nets)
+    stride: Optional[PositiveInt] = None  # stride of the stem's (first) conv; null = the type's own (2; cifar: 1)
+    pool: Optional[Literal["max", "conv", "none"]] = None  # after the stem: 3x3/2 max-pool, a 3x3/2 conv-BN-ReLU
+    # ^ (ResNet-RS, timm's replace_stem_pool), or none; null = the stem type's own (max; none for cifar)
 
 
 class BlockSpec(Strict):
     """Settings of one block. Every field has a default; blocks ignore the fields they have no use for."""
     type: str = "basic"                # a registered block: plain, basic, bottleneck, preact, ... (arches.blocks)
-    shortcut: Literal["A", "B", "C", "D"] = "B"   # A zero-pad, B project on change, C project always, D pool+project
-    placement: Annotated[Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_preact",
-                                          "full_preact"]], BeforeValidator(_placement_letter)] = None
+    shortcut: Shortcut = "B"           # where the shape changes: A zero-pad, B project, C project on every block,
+    # ^ D avg-pool + project (Bag of Tricks ResNet-D) (arches/shortcuts.py)
+    placement: Optional[Placement] = None
     # ^ BN/ReLU placement (He 2016 Fig. 4 a-e; the letters work too); null = the block type's own default
-    variant: Literal["identity", "scaling", "exclusive_gate", "shortcut_gate", "conv", "dropout"] = "identity"
-    # ^ He 2016 shortcut variants: what happens on the shortcut path of every block
+    variant: Variant = "identity"      # He 2016 Table 1: how branch and shortcut merge (arches/blocks/merges.py)
     scale: float = Field(0.5, gt=0.0)  # variant scaling: shortcut multiplied by this lambda
     scale_residual: bool = False       # variant scaling: also multiply the residual branch by 1 - lambda
     gate_bias: float = -2.0            # initial bias of sigmoid gates (highway, exclusive/shortcut gating)
     shortcut_dropout: float = Field(0.5, ge=0.0, lt=1.0)  # variant dropout: drop probability on the shortcut
     zero_init_residual: bool = False   # zero the last BN (or conv) of each residual branch: block = identity at init
+    projection_bn: Optional[bool] = None  # BN after a projection shortcut's 1x1 conv; null = the placement's own:
+    # ^ yes, except full pre-activation (a bare conv, as He et al.'s and the WRN code: the next unit normalises)
+    zero_pad: Literal["append", "split"] = "append"  # shortcut A: zero channels after x's (fb.resnet.torch), or
+    # ^ half before and half after (the common PyTorch CIFAR ResNets and their published weights)
     expansion: PositiveInt = 4         # bottleneck: output channels = width * expansion
     cardinality: PositiveInt = 1       # groups of the 3x3 conv in a bottleneck (ResNeXt)
     base_width: PositiveInt = 64       # bottleneck inner width = width * base_width / 64 * cardinality
+    stride_on: Optional[Literal["1x1", "3x3"]] = None  # bottleneck: the conv that strides: the first 1x1 (He et
+    # ^ al. 2015, "v1") or the 3x3 (torchvision's "v1.5"); null = the block type's own (3x3)
     widen: float = Field(1.0, gt=0.0)  # WRN width multiplier k on this block's width
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout between the two convs (WRN)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the input of every conv but the first: after the
+    # ^ BN-ReLU right before the second conv in pre-activation blocks (the WRN code)
+    se_ratio: float = 0.0              # squeeze-excitation on the branch output (Hu et al. 2018): hidden channels =
+    # ^ out channels * se_ratio (1/16 in SE-ResNet, 1/4 in ResNet-RS); 0 = none
+    se_divisor: PositiveInt = 8        # SE hidden channels rounded to a multiple of this (timm: 8; 1 = nearest)
+
+    @field_validator("se_ratio")
+    @classmethod
+    def _se_ratio_in_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            hint = f"; a reduction of {v:g} is {1 / v:.4g}" if v > 1 else ""
+            raise ValueError(f"must lie in [0, 1] (SE hidden channels = channels * se_ratio{hint})")
+        return v
 
 
 class StageSpec(Strict):
@@ -131,6 +156,14 @@ class TrainSpec(Strict):
     limit_batches: Optional[PositiveInt] = None  # cap train batches per epoch (smoke tests)
 
 
+class DropPathSpec(Strict):
+    """Stochastic depth (Huang et al. 2016): in training, each sample skips a residual branch with a per-block
+    probability (the survivors are scaled by 1 / (1 - p), as timm's drop_path)."""
+    rate: float = Field(0.0, ge=0.0, lt=1.0)  # the largest per-block drop probability; 0 = off
+    schedule: Literal["linear", "linear_from_zero", "constant"] = "linear"  # block l of L (1-based) drops with
+    # ^ rate * l / L (Huang et al.), rate * (l - 1) / (L - 1) (timm's ResNets), or rate everywhere
+
+
 class Spec(Strict):
     """A whole network plus how to train it."""
     name: str                          # short identifier, used for run names and experiments
@@ -143,9 +176,26 @@ class Spec(Strict):
     block: BlockSpec = BlockSpec()
     stages: list[StageSpec] = Field(min_length=1)
     head: HeadSpec = HeadSpec()
+    drop_path: DropPathSpec = DropPathSpec()  # stochastic depth over the residual blocks
+    init_from: Optional[str] = None    # start from these weights: a state_dict file (torch.save'd .pt/.pth/.ckpt/.th,
+    # ^ or .safetensors: torchvision, timm, CIFAR-ResNet checkpoints) or an MLflow run id (its last checkpoint)
+    init_strict: bool = True           # every tensor must fit; false: load those that fit by name and shape
+    # ^ and keep the seeded init elsewhere (`show` lists what loaded)
+    init_map: dict[str, str] = {}      # regex -> replacement on the file's key names, after the built-in ones
+    # ^ (a `module.` prefix dropped, `linear` -> `fc`, `shortcut` -> `downsample`)
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
-    _source: Any = PrivateAttr(default=None)  # arches.spec.Source: files, lines, base, overrides
+    _source: Any = PrivateAttr(default=None)
+
+    @field_validator("init_map")
+    @classmethod
+    def _init_map_patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+        return v  # arches.spec.Source: files, lines, base, overrides
 
 
 # Shapes of the named data sets: channels, side, classes (checked against `input` and `classes`).

@@ -186,7 +186,7 @@ def _message(err: dict, model: type[BaseModel], loc: tuple) -> str:
         msg = f"got {got!r}; expected {expected}{did_you_mean(got, choices)}"
     elif err["type"] == "missing":
         msg = "required key is missing"
-    elif "input" in err and not isinstance(err["input"], (dict, list)):
+    elif "input" in err and not isinstance(err["input"], (dict, list)) and not msg.startswith("got "):
         msg = f"{msg} (got {err['input']!r})"
     return msg
 
@@ -237,9 +237,13 @@ def build_document(path: Union[str, Path], overrides: Iterable[Override] = ()) -
 
 
 def spec_from_dict(data: dict, source: Source | None = None) -> Spec:
-    """Validate a document into a Spec, running the cross-field checks of arches.plan as well."""
+    """Validate a document into a Spec, running the cross-field checks of arches.plan as well. A spec read from
+    files (`source` given) also has its `init_from` file checked against the network; specs rebuilt from stored
+    data (checkpoints, workers) are checked when their weights are loaded."""
+    from .init import init_report
     from .plan import plan_network  # the plan needs the block registry; keep the import one-way
 
+    from_files = source is not None
     source = source or Source(file="<dict>")
     try:
         spec = Spec.model_validate(data)
@@ -248,6 +252,8 @@ def spec_from_dict(data: dict, source: Source | None = None) -> Spec:
     spec._source = source
     check_recipe_and_data(spec)
     plan_network(spec)  # raises SpecError with a key path for impossible shapes
+    if from_files:
+        init_report(spec)   # a file that is not a state_dict, or another network's: SpecError (run ids: later)
     return spec
 
 

@@ -148,6 +148,12 @@ def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
                       file="run id")
 
 
+def init_checkpoint(run_id: str) -> Path:
+    """The file a spec's `init_from: RUN_ID` starts from: that run's checkpoint, looked up in $MLFLOW_TRACKING_URI
+    (else the default store, outputs/mlflow.db). Passed to arches.build_model as `resolve`."""
+    return find_checkpoint(run_id, os.environ.get("MLFLOW_TRACKING_URI"))
+
+
 def load_model(ref: Union[str, Path], tracking_uri: Optional[str] = None) -> tuple[Spec, Network]:
     """(spec, network with trained weights, eval mode) from a .ckpt path or an MLflow run id."""
     path = Path(str(ref)).expanduser()

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from arches import Spec, build_model, spec_from_dict
 from arches.plan import NetworkPlan
 
+from .checkpoint import init_checkpoint
 from .recipe import build_optimizer, build_scheduler
 
 SPLITS = ("train", "val", "test")
@@ -45,7 +46,7 @@ class ReslabModule(pl.LightningModule):
         super().__init__()
         self.spec: Spec = spec if isinstance(spec, Spec) else spec_from_dict(spec)
         self.save_hyperparameters({"spec": self.spec.model_dump(mode="json") if isinstance(spec, Spec) else spec})
-        self.model = build_model(self.spec, plan)
+        self.model = build_model(self.spec, plan, init=True, resolve=init_checkpoint)   # init_from's weights, if any
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
         classes = self.spec.classes
         # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'
