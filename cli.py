@@ -94,7 +94,8 @@ def cmd_show(args) -> int:
 
 def init_from_report(spec):
     """What the spec's `init_from` loads (None without one); a run id is resolved as `run` resolves it."""
-    from arches.init import init_report, is_run_id
+    from arches.compile import init_report
+    from arches.init import is_run_id
 
     if not spec.init_from:
         return None

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .init import Resolve, load_init
+from .init import InitReport, Resolve, checked, load_init, read_init
 from .plan import NetworkPlan, plan_network
 from .schema import Spec
 from .stems import stem_modules
@@ -100,3 +100,14 @@ def build_model(spec: Spec, plan: NetworkPlan | None = None, *, init: bool = Fal
     if init:
         model.init_report = load_init(model, spec, resolve)
     return model
+
+
+def init_report(spec: Spec, resolve: Optional[Resolve] = None) -> Optional[InitReport]:
+    """Check `init_from` against the network (built on the meta device), shapes only: no tensor is read; SpecError
+    if it does not fit. None when the spec has no init_from, or names a run id and no `resolve` is given."""
+    found = read_init(spec, resolve, meta=True)
+    if found is None:
+        return None
+    with torch.device("meta"):
+        ours = build_model(spec).state_dict()
+    return checked(spec, found[0], found[1], ours)

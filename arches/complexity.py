@@ -91,10 +91,16 @@ def complexity(spec: Spec, model: Network | None = None, plan: NetworkPlan | Non
     flops = {k[len(prefix) + 1:] if k.startswith(prefix + ".") else k: sum(v.values())
              for k, v in counter.get_flop_counts().items()}
 
+    acts_under: dict[str, int] = {}        # activations summed into every enclosing module's name, in one pass
+    for key, count in acts.items():
+        parts = key.split(".")
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            acts_under[name] = acts_under.get(name, 0) + count
+
     def under(names: list[str]) -> tuple[int, int]:
         macs = sum(flops.get(n, 0) for n in names) // 2      # the counter already sums each module's children
-        act = sum(v for k, v in acts.items() if any(k == n or k.startswith(n + ".") for n in names))
-        return macs, act
+        return macs, sum(acts_under.get(n, 0) for n in names)
 
     stem_names = ["conv1", "bn1", "maxpool"]      # maxpool: a conv in ResNet-RS
     head_names = [n for n in ("final_bn", "fc") if getattr(model, n, None) is not None]

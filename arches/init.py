@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import SpecError, first_line
+from .errors import Locator, SpecError, first_line
 from .schema import Spec
 
 Resolve = Callable[[str], Path]       # MLflow run id -> its checkpoint file
@@ -164,9 +164,7 @@ def match(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], name_m
 
 
 def _fail(spec: Spec, message: str) -> SpecError:
-    source = getattr(spec, "_source", None)
-    file, line = source.where(("init_from",)) if source is not None else (None, None)
-    return SpecError(message, file=None if file == "<dict>" else file, line=line, path="init_from")
+    return (getattr(spec, "_source", None) or Locator("<dict>")).error(message, "init_from")
 
 
 def init_path(spec: Spec, resolve: Optional[Resolve] = None) -> Optional[Path]:
@@ -189,12 +187,8 @@ def _read(spec: Spec, path: Path, meta: bool) -> dict[str, torch.Tensor]:
         raise _fail(spec, f"{path} is not a state_dict: {e}") from None
 
 
-def _checked(spec: Spec, path: Path, theirs: dict[str, torch.Tensor]) -> InitReport:
-    """The file's tensors against the network's state_dict (built on the meta device); SpecError on a misfit."""
-    from .compile import build_model
-
-    with torch.device("meta"):
-        ours = build_model(spec).state_dict()
+def checked(spec: Spec, path: Path, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> InitReport:
+    """The file's tensors against the network's state_dict `ours`; SpecError on a misfit."""
     report = match(theirs, ours, spec.init_map, str(path), spec.init_strict)
     problem = report.problem()
     if problem:
@@ -202,11 +196,11 @@ def _checked(spec: Spec, path: Path, theirs: dict[str, torch.Tensor]) -> InitRep
     return report
 
 
-def init_report(spec: Spec, resolve: Optional[Resolve] = None) -> Optional[InitReport]:
-    """Check `init_from` against the network, shapes only (no tensor is read); SpecError if it does not fit.
-    None when the spec has no init_from, or names a run id and no `resolve` is given."""
+def read_init(spec: Spec, resolve: Optional[Resolve] = None, meta: bool = True) -> Optional[tuple[Path, dict]]:
+    """(the file `init_from` names, its tensors: shapes only on the meta device); None when the spec has no
+    init_from, or names a run id and no `resolve` is given."""
     path = init_path(spec, resolve) if spec.init_from else None
-    return _checked(spec, path, _read(spec, path, meta=True)) if path is not None else None
+    return (path, _read(spec, path, meta=meta)) if path is not None else None
 
 
 def load_init(model: torch.nn.Module, spec: Spec, resolve: Optional[Resolve] = None) -> Optional[InitReport]:
@@ -217,7 +211,7 @@ def load_init(model: torch.nn.Module, spec: Spec, resolve: Optional[Resolve] = N
     if path is None:
         raise _fail(spec, f"'{spec.init_from}' is an MLflow run id: `python cli.py run` resolves it (runs.checkpoint)")
     theirs = _read(spec, path, meta=False)
-    report = _checked(spec, path, theirs)
+    report = checked(spec, path, theirs, model.state_dict())
     with torch.no_grad():
         model.load_state_dict({k: theirs[report.renamed.get(k, k)] for k in report.loaded}, strict=False)
     return report

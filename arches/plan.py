@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 from pydantic import ValidationError
 
 from .blocks import block_class
-from .errors import SpecError
+from .errors import Locator, SpecError, located
 from .registry import PLACEMENTS
-from .schema import BlockSpec, Spec
+from .schema import MAX_BLOCK_CHANNELS, MAX_BLOCKS, BlockSpec, Spec
 from .stems import stem_strides
 
 # drop_path.schedule -> drop probability of block l of L (1-based) for drop_path.rate
@@ -49,9 +49,7 @@ class NetworkPlan:
 
 
 def _fail(spec: Spec, path: tuple, message: str) -> SpecError:
-    source = getattr(spec, "_source", None)
-    file, line = source.where(path) if source else ("<spec>", None)
-    return SpecError(message, file=file, line=line, path=".".join(map(str, path)))
+    return (getattr(spec, "_source", None) or Locator("<spec>")).error(message, *path)
 
 
 def scaled(width: int, multiplier: float) -> int:
@@ -76,10 +74,10 @@ def resolve_block(spec: Spec, stage_index: int, block_index: int) -> BlockSpec:
     try:
         cfg = BlockSpec.model_validate(merged)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = err["loc"][0] if err["loc"] else ""
+        key = next((str(err["loc"][0]) for err in e.errors() if err["loc"]), "")
         where = ("blocks", block_index) if key in stage.blocks.get(block_index, {}) else ("block",)
-        raise _fail(spec, ("stages", stage_index, *where, key), err["msg"]) from None
+        raise located(e, BlockSpec, getattr(spec, "_source", None) or Locator("<spec>"), merged,
+                      prefix=("stages", stage_index, *where)) from None
     try:
         cls = block_class(cfg.type)
     except KeyError as e:
@@ -93,7 +91,13 @@ def resolve_block(spec: Spec, stage_index: int, block_index: int) -> BlockSpec:
 def plan_network(spec: Spec) -> NetworkPlan:
     """Resolve and check every block. Raises SpecError naming the key at fault."""
     m = spec.width_multiplier
+    total = sum(stage.depth for stage in spec.stages)
+    if total > MAX_BLOCKS:
+        raise _fail(spec, ("stages",), f"{total:,} blocks in all; at most {MAX_BLOCKS:,} (ResNet-1202 has 600)")
     channels, size = scaled(spec.stem.width, m), stem_size(spec)
+    if channels > MAX_BLOCK_CHANNELS:
+        raise _fail(spec, ("stem", "width"), f"{channels:,} channels after width_multiplier; at most "
+                                             f"{MAX_BLOCK_CHANNELS:,}")
     stem_channels, stem_side = channels, size
     factor = stem_strides(spec)[0] * stem_strides(spec)[1]   # total downsampling so far
     blocks: list[BlockPlan] = []
@@ -120,6 +124,11 @@ def plan_network(spec: Spec) -> NetworkPlan:
                 raise _fail(spec, ("stages", s, *where) if where else ("block", key),
                             f"stage {s} block {i}: {message}")
             out = cls.out_channels(width, cfg)
+            widest = max(out, round(width * cfg.widen * cfg.base_width / 64) * cfg.cardinality)
+            if widest > MAX_BLOCK_CHANNELS:
+                raise _fail(spec, ("stages", s, "width"),
+                            f"stage {s} block {i} would have {widest:,} channels (the width after width_multiplier, "
+                            f"widen, expansion, base_width and cardinality); at most {MAX_BLOCK_CHANNELS:,}")
             new_size = conv_out(size, stride)
             blocks.append(BlockPlan(f"layer{s + 1}.{i}", s, i, cls, cfg, channels, width, out, stride, size,
                                     new_size))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, \
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, \
     field_validator
 
 from .registry import PLACEMENTS, SHORTCUTS, STEMS, VARIANTS  # filled when `arches` is imported
@@ -30,20 +30,30 @@ StemType = Annotated[str, AfterValidator(lambda v: STEMS.check(v))]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Bounds: every number a spec holds has a finite, sane range, checked before anything heavy runs (so that `show`
+# and `validate` answer in a second or two on any input); the limits sit well above every published network.
+MAX_CHANNELS = 16384                   # a width (stem, stage, bottleneck base) as written
+MAX_BLOCK_CHANNELS = 65536             # a block's channels after width_multiplier, widen, expansion, groups
+MAX_DEPTH = 2000                       # blocks in one stage (ResNet-1202: 200; pre-act ResNet-1001: 111)
+MAX_BLOCKS = 1200                      # blocks in the whole network (ResNet-1202: 600)
+MAX_STEPS = 10**9                      # optimizer steps, milestones, warmup
+Count = Annotated[int, Field(ge=1, le=10**9)]
 
 
 class InputSpec(Strict):
-    channels: PositiveInt = 3          # image channels (1 for Fashion-MNIST)
-    size: PositiveInt = 224            # square input side, pixels
+    channels: int = Field(3, ge=1, le=64)   # image channels (1 for Fashion-MNIST)
+    size: int = Field(224, ge=1, le=4096)   # square input side, pixels
 
 
 class StemSpec(Strict):
     type: StemType = "imagenet"        # imagenet: 7x7/2 conv; deep: three 3x3 convs, the first /2 (ResNet-C);
     # ^ cifar: one 3x3/1 conv (arches/stems.py)
-    width: PositiveInt = 64            # output channels of the stem
+    width: int = Field(64, ge=1, le=MAX_CHANNELS)  # output channels of the stem
     act: bool = True                   # BN + ReLU after the stem conv (false for pre-activation nets)
-    stride: Optional[PositiveInt] = None  # stride of the stem's (first) conv; null = the type's own (2; cifar: 1)
+    stride: Optional[int] = Field(None, ge=1, le=16)  # stride of the stem's (first) conv; null = the type's own (2; cifar: 1)
     pool: Optional[Literal["max", "conv", "none"]] = None  # after the stem: 3x3/2 max-pool, a 3x3/2 conv-BN-ReLU
     # ^ (ResNet-RS, timm's replace_stem_pool), or none; null = the stem type's own (max; none for cifar)
 
@@ -56,26 +66,26 @@ class BlockSpec(Strict):
     placement: Optional[Placement] = None
     # ^ BN/ReLU placement (He 2016 Fig. 4 a-e; the letters work too); null = the block type's own default
     variant: Variant = "identity"      # He 2016 Table 1: how branch and shortcut merge (arches/blocks/merges.py)
-    scale: float = Field(0.5, gt=0.0)  # variant scaling: shortcut multiplied by this lambda
+    scale: float = Field(0.5, gt=0.0, le=100.0)  # variant scaling: shortcut multiplied by this lambda
     scale_residual: bool = False       # variant scaling: also multiply the residual branch by 1 - lambda
-    gate_bias: float = -2.0            # initial bias of sigmoid gates (highway, exclusive/shortcut gating)
+    gate_bias: float = Field(-2.0, ge=-100.0, le=100.0)  # initial bias of sigmoid gates (highway, exclusive/shortcut gating)
     shortcut_dropout: float = Field(0.5, ge=0.0, lt=1.0)  # variant dropout: drop probability on the shortcut
     zero_init_residual: bool = False   # zero the last BN (or conv) of each residual branch: block = identity at init
     projection_bn: Optional[bool] = None  # BN after a projection shortcut's 1x1 conv; null = the placement's own:
     # ^ yes, except full pre-activation (a bare conv, as He et al.'s and the WRN code: the next unit normalises)
     zero_pad: Literal["append", "split"] = "append"  # shortcut A: zero channels after x's (fb.resnet.torch), or
     # ^ half before and half after (the common PyTorch CIFAR ResNets and their published weights)
-    expansion: PositiveInt = 4         # bottleneck: output channels = width * expansion
-    cardinality: PositiveInt = 1       # groups of the 3x3 conv in a bottleneck (ResNeXt)
-    base_width: PositiveInt = 64       # bottleneck inner width = width * base_width / 64 * cardinality
+    expansion: int = Field(4, ge=1, le=64)   # bottleneck: output channels = width * expansion
+    cardinality: int = Field(1, ge=1, le=4096)  # groups of the 3x3 conv in a bottleneck (ResNeXt)
+    base_width: int = Field(64, ge=1, le=MAX_CHANNELS)  # bottleneck inner width = width * base_width / 64 * cardinality
     stride_on: Optional[Literal["1x1", "3x3"]] = None  # bottleneck: the conv that strides: the first 1x1 (He et
     # ^ al. 2015, "v1") or the 3x3 (torchvision's "v1.5"); null = the block type's own (3x3)
-    widen: float = Field(1.0, gt=0.0)  # WRN width multiplier k on this block's width
+    widen: float = Field(1.0, gt=0.0, le=64.0)  # WRN width multiplier k on this block's width
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the input of every conv but the first: after the
     # ^ BN-ReLU right before the second conv in pre-activation blocks (the WRN code)
     se_ratio: float = 0.0              # squeeze-excitation on the branch output (Hu et al. 2018): hidden channels =
     # ^ out channels * se_ratio (1/16 in SE-ResNet, 1/4 in ResNet-RS); 0 = none
-    se_divisor: PositiveInt = 8        # SE hidden channels rounded to a multiple of this (timm: 8; 1 = nearest)
+    se_divisor: int = Field(8, ge=1, le=1024)  # SE hidden channels rounded to a multiple of this (timm: 8; 1 = nearest)
 
     @field_validator("se_ratio")
     @classmethod
@@ -87,9 +97,9 @@ class BlockSpec(Strict):
 
 
 class StageSpec(Strict):
-    depth: int = Field(ge=0)           # number of blocks (0 drops the stage)
-    width: PositiveInt                 # block width (bottleneck: inner width before expansion)
-    stride: PositiveInt = 1            # stride of the stage's first block
+    depth: int = Field(ge=0, le=MAX_DEPTH)  # number of blocks (0 drops the stage)
+    width: int = Field(ge=1, le=MAX_CHANNELS)  # block width (bottleneck: inner width before expansion)
+    stride: int = Field(1, ge=1, le=16)  # stride of the stage's first block
     block: dict[str, Any] = {}         # overrides of the spec-wide block defaults for this stage
     blocks: dict[int, dict[str, Any]] = {}  # overrides for single blocks, by index in the stage
 
@@ -102,58 +112,60 @@ class HeadSpec(Strict):
 class DataSpec(Strict):
     name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "synthetic"
     root: Optional[str] = None         # folder holding the files; null = $RESLAB_DATA, then system places
-    val_size: Union[int, float] = 5000  # held out of train by seed: a count, or a fraction if < 1
-    train_subset: Optional[PositiveInt] = None  # use only this many training images (smoke tests, demos)
-    test_subset: Optional[PositiveInt] = None   # use only this many test images
+    val_size: Union[Annotated[int, Field(ge=0, le=10**9)], Annotated[float, Field(ge=0.0, lt=1.0)]] = 5000
+    # ^ held out of train by seed: a count, or a fraction if < 1
+    train_subset: Optional[Count] = None  # use only this many training images (smoke tests, demos)
+    test_subset: Optional[Count] = None   # use only this many test images
     augment: Optional[Literal["none", "crop_flip", "rrc_flip"]] = None  # null = the data set's standard
     download: bool = True              # try to download when files are missing and a network is there
     on_device: Literal["auto", "always", "never"] = "auto"  # hold small sets whole on the GPU
-    num_workers: int = Field(0, ge=0)  # DataLoader workers for the host-side path
+    num_workers: int = Field(0, ge=0, le=256)  # DataLoader workers for the host-side path
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # imagefolder JPEGs: Pillow in the workers, or nvJPEG on the
     # ^ GPU (torchvision.io, batched); auto = gpu when training on CUDA and torchvision is importable
-    synthetic_size: PositiveInt = 512  # synthetic: number of training images (test set: a quarter)
+    synthetic_size: int = Field(512, ge=1, le=10**7)  # synthetic: number of training images (test set: a quarter)
 
 
 class ScheduleSpec(Strict):
     type: Literal["constant", "multistep", "cosine", "onecycle"] = "multistep"
-    milestones: list[PositiveInt] = []  # multistep: where lr is multiplied by gamma
+    milestones: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field([], max_length=1000)
+    # ^ multistep: where lr is multiplied by gamma
     unit: Literal["epoch", "step"] = "epoch"  # milestones counted in epochs or in optimizer steps
-    gamma: float = Field(0.1, gt=0.0)   # multistep factor
-    min_lr: float = Field(0.0, ge=0.0)  # cosine floor
+    gamma: float = Field(0.1, gt=0.0, le=100.0)  # multistep factor
+    min_lr: float = Field(0.0, ge=0.0, le=100.0)  # cosine floor
 
 
 class WarmupSpec(Strict):
-    steps: int = Field(0, ge=0)         # warmup length in optimizer steps (0 = none)
+    steps: int = Field(0, ge=0, le=MAX_STEPS)  # warmup length in optimizer steps (0 = none)
     start_factor: float = Field(0.1, gt=0.0, le=1.0)  # lr starts at lr * start_factor
     mode: Literal["linear", "constant"] = "linear"   # constant = He 2015's ResNet-110 warmup at lr/10
 
 
 class TrainSpec(Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)
+    lr: float = Field(0.1, gt=0.0, le=1e6)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=100.0)
     decay_bn_and_bias: bool = True     # false: no weight decay on BN parameters and biases
-    batch_size: PositiveInt = 128
-    epochs: Optional[PositiveInt] = 10  # stop after this many epochs ...
-    max_steps: Optional[PositiveInt] = None  # ... or after this many optimizer steps (paper: 64k)
+    batch_size: int = Field(128, ge=1, le=2**20)
+    epochs: Optional[int] = Field(10, ge=1, le=10**6)  # stop after this many epochs ...
+    max_steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)  # ... or after this many optimizer steps (paper: 64k)
     schedule: ScheduleSpec = ScheduleSpec()
     warmup: WarmupSpec = WarmupSpec()
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    seed: int = 0                      # one seed fixes data split, data order and initial weights
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # one seed fixes data split, data order and initial weights
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: Union[PositiveInt, Literal["auto"]] = 1
-    num_nodes: PositiveInt = 1
+    devices: Union[Annotated[int, Field(ge=1, le=4096)], Literal["auto"]] = 1
+    num_nodes: int = Field(1, ge=1, le=10**5)
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     channels_last: Optional[bool] = None  # null = on for GPU runs
-    threads: Optional[PositiveInt] = None  # CPU threads of the run (torch); null = torch's default. A study sets
+    threads: Optional[int] = Field(None, ge=1, le=4096)  # CPU threads of the run (torch); null = torch's default. A study sets
     # ^ one count for all its trials (results then do not depend on how many workers ran them)
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
     # ^ torch.compile the model: true (= "default") or a torch.compile mode ("reduce-overhead": CUDA graphs)
-    val_every: PositiveInt = 1         # validate every this many epochs
-    limit_batches: Optional[PositiveInt] = None  # cap train batches per epoch (smoke tests)
+    val_every: int = Field(1, ge=1, le=10**6)  # validate every this many epochs
+    limit_batches: Optional[Count] = None  # cap train batches per epoch (smoke tests)
 
 
 class DropPathSpec(Strict):
@@ -170,11 +182,11 @@ class Spec(Strict):
     family: Optional[str] = None       # experiment group in MLflow (default: name without depth digits)
     description: str = ""
     input: InputSpec = InputSpec()
-    classes: PositiveInt = 1000
-    width_multiplier: float = Field(1.0, gt=0.0)  # scales stem and stage widths (compute-matched ablations)
+    classes: int = Field(1000, ge=1, le=10**6)
+    width_multiplier: float = Field(1.0, gt=0.0, le=64.0)  # scales stem and stage widths (compute-matched ablations)
     stem: StemSpec = StemSpec()
     block: BlockSpec = BlockSpec()
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1, max_length=64)
     head: HeadSpec = HeadSpec()
     drop_path: DropPathSpec = DropPathSpec()  # stochastic depth over the residual blocks
     init_from: Optional[str] = None    # start from these weights: a state_dict file (torch.save'd .pt/.pth/.ckpt/.th,

@@ -10,12 +10,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Union
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from .errors import SpecError, did_you_mean, first_line
+from .compile import init_report
+from .errors import Locator, SpecError, first_line, index_of, located
+from .plan import plan_network
 from .schema import DATASETS, Spec
 
 Override = Union[str, tuple[str, Any]]
@@ -23,22 +25,13 @@ KeyPath = tuple  # ('stages', 2, 'depth')
 
 
 @dataclass
-class Source:
-    """Where each key of a loaded document came from, for error messages and provenance."""
-    file: str                                   # the file asked for (display form)
-    lines: dict[KeyPath, tuple[str, int]] = field(default_factory=dict)  # key path -> (file, line)
+class Source(Locator):
+    """Where each key of a loaded document came from (file, line: arches.errors.Locator), for error messages and
+    provenance."""
     chain: list[str] = field(default_factory=list)  # base files, outermost last
     base_data: dict | None = None               # the merged document of the base chain alone
     data: dict | None = None                    # the final document: bases, this file and --set merged
     overrides: list[tuple[str, Any]] = field(default_factory=list)  # --set pairs, in order
-
-    def where(self, path: Sequence) -> tuple[str, int | None]:
-        """File and line of the longest prefix of `path` that a document defined."""
-        path = tuple(path)
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.lines:
-                return self.lines[path[:n]]
-        return self.file, None
 
 
 def display_path(path: Path) -> str:
@@ -49,13 +42,47 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+MAX_FILE_BYTES = 1_000_000     # a spec or study file: far more than any written by hand
+MAX_NESTING = 64               # mappings and lists inside each other
+MAX_NODES = 100_000            # values in the document with every alias expanded (a billion-laughs file has 10^9)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents nested deeper than MAX_NESTING while it composes them (deep nesting
+    would otherwise end in a RecursionError)."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested deeper than {MAX_NESTING} levels (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(node: yaml.Node, memo: dict) -> int:
+    """Values in the document under `node` with aliases expanded (each node counted once per use)."""
+    if id(node) not in memo:
+        memo[id(node)] = 0                  # (a node inside itself: counted as one)
+        if isinstance(node, yaml.MappingNode):
+            size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+        else:
+            size = 1
+        memo[id(node)] = min(size, 10 * MAX_NODES)
+    return memo[id(node)]
+
+
 def _record_lines(node: yaml.Node, prefix: KeyPath, file: str, out: dict) -> None:
     """Walk a composed YAML node tree, noting the line of every key and list item."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key: Any = key_node.value
-            if isinstance(key, str) and key.lstrip("-").isdigit():
-                key = int(key)
+            if index_of(key) is not None:
+                key = index_of(key)
             out[prefix + (key,)] = (file, key_node.start_mark.line + 1)
             _record_lines(value_node, prefix + (key,), file, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -65,23 +92,44 @@ def _record_lines(node: yaml.Node, prefix: KeyPath, file: str, out: dict) -> Non
 
 
 def read_yaml(path: Union[str, Path], lines: dict | None = None) -> dict:
-    """Read one YAML mapping with yaml.safe_load, noting key lines into `lines`."""
+    """Read one YAML mapping (safe: plain data only), noting key lines into `lines`. Files that are not UTF-8 text,
+    over MAX_FILE_BYTES, nested deeper than MAX_NESTING or expanding (through aliases) to more than MAX_NODES
+    values are refused in one line."""
     path = Path(path).expanduser()
     shown = display_path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError("no such file", file=shown) from None
+    except IsADirectoryError:
+        raise SpecError("is a folder, not a YAML file", file=shown) from None
     except OSError as e:
         raise SpecError(f"cannot read: {e.strerror}", file=shown) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(f"{len(raw):,} bytes: too large for a spec or study file (at most {MAX_FILE_BYTES:,})",
+                        file=shown)
+    if b"\0" in raw:
+        raise SpecError("a binary file, not YAML text", file=shown)
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); specs are UTF-8 YAML",
+                        file=shown, line=raw[:e.start].count(b"\n") + 1) from None
+    loader = None
+    try:
+        loader = _BoundedLoader(text)
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise yaml.YAMLError(f"more than {MAX_NODES:,} values once its aliases are expanded")
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or first_line(e)
-        raise SpecError(f"YAML syntax error: {problem}", file=shown,
+        raise SpecError(f"YAML syntax error: {problem}" if mark else f"refused: {problem}", file=shown,
                         line=mark.line + 1 if mark else None) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -152,7 +200,7 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
         last = i == len(parts) - 1
         here = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+            if index_of(part) is None or not -len(node) <= index_of(part) < len(node):
                 raise SpecError(f"index '{part}' out of range: the list has {len(node)} items",
                                 file="--set", path=here)
             idx = int(part)
@@ -163,64 +211,14 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
             continue
         if not isinstance(node, dict):
             raise SpecError(f"cannot set a key inside a {type(node).__name__}", file="--set", path=here)
-        key: Any = int(part) if part.isdigit() and part not in node and int(part) in node else part
+        key: Any = index_of(part) if index_of(part) is not None and part not in node and index_of(part) in node \
+            else part
         if last:
             node[key] = value
         else:
             if not isinstance(node.get(key), (dict, list)):
                 node[key] = {}
             node = node[key]
-
-
-def _message(err: dict, model: type[BaseModel], loc: tuple) -> str:
-    """pydantic's message, with 'did you mean' for unknown keys."""
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
-        fields = list(parent.model_fields) if parent else []
-        return f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], fields)}; expected one of: {', '.join(fields)}"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "literal_error":
-        got = err.get("input")
-        expected = err.get("ctx", {}).get("expected", "")
-        choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
-        msg = f"got {got!r}; expected {expected}{did_you_mean(got, choices)}"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    elif "input" in err and not isinstance(err["input"], (dict, list)) and not msg.startswith("got "):
-        msg = f"{msg} (got {err['input']!r})"
-    return msg
-
-
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that describes the mapping at `loc`, if any."""
-    import typing
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return None
-        ann = current.model_fields[part].annotation
-        for arg in (ann, *typing.get_args(ann)):
-            inner = typing.get_args(arg) or (arg,)
-            cls = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if cls:
-                current = cls
-                break
-        else:
-            current = ann
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def validation_error(e: ValidationError, model: type[BaseModel], source: Source) -> SpecError:
-    """The first pydantic error as one located SpecError."""
-    err = e.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    file, line = source.where(loc)
-    if err["type"] == "missing":   # point at the mapping that lacks the key (the file's top: line 1)
-        file, line = source.where(loc[:-1]) if loc[:-1] else (source.file, 1)
-    path = ".".join(str(p) for p in loc) or None
-    return SpecError(_message(err, model, loc), file=file, line=line, path=path)
 
 
 def build_document(path: Union[str, Path], overrides: Iterable[Override] = ()) -> tuple[dict, Source]:
@@ -231,7 +229,7 @@ def build_document(path: Union[str, Path], overrides: Iterable[Override] = ()) -
         key, value = parse_override(item)
         set_path(data, key, value)
         source.overrides.append((key, value))
-        source.lines[tuple(int(p) if p.isdigit() else p for p in key.split("."))] = ("--set", None)
+        source.lines[tuple(p if index_of(p) is None else index_of(p) for p in key.split("."))] = ("--set", None)
     source.data = copy.deepcopy(data)
     return data, source
 
@@ -240,15 +238,12 @@ def spec_from_dict(data: dict, source: Source | None = None) -> Spec:
     """Validate a document into a Spec, running the cross-field checks of arches.plan as well. A spec read from
     files (`source` given) also has its `init_from` file checked against the network; specs rebuilt from stored
     data (checkpoints, workers) are checked when their weights are loaded."""
-    from .init import init_report
-    from .plan import plan_network  # the plan needs the block registry; keep the import one-way
-
     from_files = source is not None
     source = source or Source(file="<dict>")
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
-        raise validation_error(e, Spec, source) from None
+        raise located(e, Spec, source, data) from None
     spec._source = source
     check_recipe_and_data(spec)
     plan_network(spec)  # raises SpecError with a key path for impossible shapes

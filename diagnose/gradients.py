@@ -155,7 +155,7 @@ def parse_readout(text: str) -> Readout:
     """'projection' or a logit index given as text (the --readout flag); anything else: ReslabError."""
     if text == "projection":
         return "projection"
-    if text.isdigit():
+    if text.isascii() and text.isdecimal():
         return int(text)
     raise ReslabError(f"--readout must be 'projection' or a logit index, not '{text}'", path="--readout")
 

@@ -196,7 +196,7 @@ def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
     """What the CLI prints after a run: result, run id and how to look at it."""
     lines = []
     if "test/acc" in result.metrics:
-        m = result.metrics
+        m = {k: result.metrics.get(k, float("nan")) for k in ("test/acc", "test/error", "test/loss")}
         lines.append(f"test accuracy {m['test/acc']:.4f}  (error {100 * m['test/error']:.2f}%, loss "
                      f"{m['test/loss']:.4f})")
     lines.append(f"run {result.run_id}  {result.status}" + (f"  checkpoint {result.checkpoint}" if result.checkpoint else ""))

@@ -219,7 +219,7 @@ def run_owner(run: Any) -> str:
     """For a RUNNING run: 'alive' when its process still runs on this machine, 'gone' when it does not (the run
     is stale: killed without ending it), 'unknown' when it ran on another machine (or says nothing)."""
     host, pid = run.data.tags.get(HOST_TAG), run.data.tags.get(PID_TAG)
-    if host != socket.gethostname() or not (pid or "").isdigit():
+    if host != socket.gethostname() or not (pid or "").isascii() or not (pid or "").isdecimal():
         return "unknown"
     if int(pid) == os.getpid():                 # this very process: it is not training that run any more
         return "gone"

@@ -39,7 +39,7 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     out: dict[int, list] = {}
     for run in tracking.child_runs(client, experiment_id, parent_run_id):
         number = run.data.tags.get(keys.TRIAL_TAG)
-        if number is not None and number.isdigit():
+        if number is not None and number.isdecimal() and number.isascii():
             out.setdefault(int(number), []).append(run)
     return out
 

@@ -24,14 +24,13 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from arches import Spec, spec_from_dict, spec_hash
-from arches.errors import ReslabError, SpecError, did_you_mean
-from arches.spec import (Override, Source, build_document, display_path, parse_override, read_yaml, set_path,
-                         validation_error)
+from arches.errors import Locator, ReslabError, SpecError, did_you_mean, index_of, located
+from arches.spec import Override, Source, build_document, display_path, parse_override, read_yaml, set_path
 
 from .matching import match_arms
 
@@ -45,7 +44,10 @@ OPTUNA_SCALARS = (str, int, float, bool, type(None))
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]        # what train.seed accepts
 
 
 class MetricSpec(Strict):
@@ -68,36 +70,37 @@ class AblationSpec(Strict):
     axes: dict[str, Any] = {}        # axis -> list of values (axis = a dotted spec key) or {label: overrides}
     arms: Union[dict[str, dict[str, Any]], list[dict[str, Any]]] = {}  # named arms: {name: {key: value, ...}}
     baseline: Union[str, int, float, bool, dict[str, Any]]  # an arm name, or {axis: label} (per-group baseline)
-    seeds: Union[PositiveInt, list[int]] = 3             # N (seeds 0..N-1) or a list; seed k sets train.seed = k
+    seeds: Union[Annotated[int, Field(ge=1, le=1000)], Annotated[list[Seed], Field(max_length=1000)]] = 3
+    # ^ N (seeds 0..N-1) or a list; seed k sets train.seed = k
     metric: Union[str, MetricSpec, list[Union[str, MetricSpec]]] = "test/error"  # first one = the objective
     match: Optional[Union[Literal["macs", "params"], MatchSpec]] = None  # compute-matched widths
     pivot: Optional[PivotSpec] = None                    # extra report view: metric by rows x columns
-    max_attempts: PositiveInt = 3                        # a cell whose worker died this often is given up
+    max_attempts: int = Field(3, ge=1, le=100)           # a cell whose worker died this often is given up
 
 
 class RangeSpec(Strict):
-    low: float
-    high: float
+    low: float = Field(ge=-1e9, le=1e9)
+    high: float = Field(ge=-1e9, le=1e9)
     log: bool = False
-    step: Optional[float] = None
+    step: Optional[float] = Field(None, gt=0.0)
     type: Optional[Literal["int", "float"]] = None       # null: int when low and high are integers
 
 
 class PrunerSpec(Strict):
     type: Literal["median", "hyperband", "none"] = "median"
     metric: str = "val/error"                            # per-epoch metric the pruner watches
-    warmup_epochs: int = Field(1, ge=0)                  # never prune before this many epochs
+    warmup_epochs: int = Field(1, ge=0, le=10**6)        # never prune before this many epochs
 
 
 class SearchSpec(Strict):
     space: dict[str, Any]            # key -> list of values | {low, high, log, step} | {label: overrides}
     objectives: list[Union[str, MetricSpec]] = ["val/error"]
     sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
-    sampler_seed: Optional[int] = None
+    sampler_seed: Optional[Seed] = None
     pruner: Optional[Union[Literal["median", "hyperband", "none"], PrunerSpec]] = None  # null: median if 1 objective
-    trials: PositiveInt = 20                             # total over all workers and restarts
-    timeout: Optional[float] = Field(None, gt=0)         # seconds per command; no new trial starts after it
-    max_attempts: PositiveInt = 3
+    trials: int = Field(20, ge=1, le=100_000)            # total over all workers and restarts
+    timeout: Optional[float] = Field(None, gt=0, le=10**8)  # seconds per command; no new trial starts after it
+    max_attempts: int = Field(3, ge=1, le=100)
 
 
 class StudyFile(Strict):
@@ -181,7 +184,7 @@ class StudyPlan:
     # search
     dimensions: list[Dimension] = field(default_factory=list)
     sampler: str = "tpe"
-    sampler_seed: Optional[int] = None
+    sampler_seed: Optional[Seed] = None
     pruner: Optional[PrunerSpec] = None
     trials: int = 0
     timeout: Optional[float] = None
@@ -270,8 +273,8 @@ def expand_key(data: Any, dotted: str) -> list[str]:
     i = parts.index("*")
     node: Any = data
     for p in parts[:i]:
-        if isinstance(node, list) and p.lstrip("-").isdigit() and -len(node) <= int(p) < len(node):
-            node = node[int(p)]
+        if isinstance(node, list) and index_of(p) is not None and -len(node) <= index_of(p) < len(node):
+            node = node[index_of(p)]
         elif isinstance(node, dict) and p in node:
             node = node[p]
         else:
@@ -289,7 +292,7 @@ def expand_key(data: Any, dotted: str) -> list[str]:
 
 
 def _keypath(dotted: str) -> tuple:
-    return tuple(int(p) if p.lstrip("-").isdigit() else p for p in dotted.split("."))
+    return tuple(p if index_of(p) is None else index_of(p) for p in dotted.split("."))
 
 
 def apply_setting(data: dict, source: Source, s: Setting) -> None:
@@ -319,24 +322,7 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-class _Where:
-    """File and line of keys of the study file itself."""
-
-    def __init__(self, file: str, lines: dict):
-        self.file, self.lines = file, lines
-
-    def line(self, *path: Any) -> Optional[int]:
-        for n in range(len(path), 0, -1):
-            hit = self.lines.get(tuple(path[:n]))
-            if hit:
-                return hit[1]
-        return None
-
-    def error(self, message: str, *path: Any) -> SpecError:
-        return SpecError(message, file=self.file, line=self.line(*path), path=".".join(map(str, path)) or None)
-
-
-def _metric(item: Union[str, MetricSpec], known: tuple, where: _Where, *path: Any) -> Metric:
+def _metric(item: Union[str, MetricSpec], known: tuple, where: Locator, *path: Any) -> Metric:
     m = MetricSpec(name=item) if isinstance(item, str) else item
     if m.name not in known:
         raise where.error(f"unknown metric '{m.name}'{did_you_mean(m.name, known)}; expected one of: "
@@ -345,14 +331,14 @@ def _metric(item: Union[str, MetricSpec], known: tuple, where: _Where, *path: An
     return Metric(m.name, goal)
 
 
-def _settings(overrides: Any, where: _Where, *path: Any) -> list[Setting]:
+def _settings(overrides: Any, where: Locator, *path: Any) -> list[Setting]:
     """{dotted key: value} of an arm or a group -> Settings with the line of each key."""
     if not isinstance(overrides, dict) or not overrides:
         raise where.error("expected a mapping of dotted spec keys to values, e.g. {block.shortcut: B}", *path)
     return [Setting(str(k), v, where.file, where.line(*path, k)) for k, v in overrides.items()]
 
 
-def _axis(key: str, values: Any, where: _Where, section: str) -> dict[str, list[Setting]]:
+def _axis(key: str, values: Any, where: Locator, section: str) -> dict[str, list[Setting]]:
     """label -> settings of one axis (or search dimension given as choices)."""
     path = (section, "axes" if section == "ablation" else "space", key)
     if isinstance(values, list):
@@ -385,7 +371,7 @@ def _arm_name(labels: dict[str, str], axes: list[str]) -> str:
     return ",".join(labels[a] if a == "arm" else f"{s}={labels[a]}" for a, s in zip(axes, shorts))
 
 
-def _load_ablation(spec: AblationSpec, where: _Where) -> tuple[dict, list[Arm], list[int], list[Metric]]:
+def _load_ablation(spec: AblationSpec, where: Locator) -> tuple[dict, list[Arm], list[int], list[Metric]]:
     axes: dict[str, dict[str, list[Setting]]] = {}
     if isinstance(spec.arms, list):              # [{name: x, set: {...}}, ...]
         groups: dict[str, list[Setting]] = {}
@@ -449,7 +435,7 @@ def _load_ablation(spec: AblationSpec, where: _Where) -> tuple[dict, list[Arm], 
     return {a: list(g) for a, g in axes.items()}, arms, seeds, metrics
 
 
-def _load_search(spec: SearchSpec, where: _Where) -> tuple[list[Dimension], list[Metric], PrunerSpec]:
+def _load_search(spec: SearchSpec, where: Locator) -> tuple[list[Dimension], list[Metric], PrunerSpec]:
     dims = []
     for key, value in spec.space.items():
         path = ("search", "space", key)
@@ -463,10 +449,7 @@ def _load_search(spec: SearchSpec, where: _Where) -> tuple[list[Dimension], list
             try:
                 r = RangeSpec.model_validate(value)
             except ValidationError as e:
-                err = e.errors()[0]
-                sub = err["loc"][0] if err["loc"] else ""
-                message = "required key is missing" if err["type"] == "missing" else err["msg"]
-                raise where.error(message, *path, sub) from None
+                raise located(e, RangeSpec, where, value, prefix=path) from None
             if r.low >= r.high:
                 raise where.error(f"low ({r.low:g}) must be below high ({r.high:g})", *path)
             if r.log and r.low <= 0:
@@ -532,15 +515,14 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     path = Path(path)
     lines: dict = {}
     raw = read_yaml(path, lines)
-    file_source = Source(file=display_path(path), lines=lines)
-    where = _Where(file_source.file, lines)
+    where = Source(file=display_path(path), lines=lines)
     if isinstance(raw, dict) and not {"ablation", "search"} & raw.keys() and {"stages", "block", "train"} & raw.keys():
         raise SpecError(f"this is a network spec, not an ablation or search file; train it with `python cli.py run "
-                        f"{path}`", file=file_source.file)
+                        f"{path}`", file=where.file)
     try:
         doc = StudyFile.model_validate(raw)
     except ValidationError as e:
-        raise validation_error(e, StudyFile, file_source) from None
+        raise located(e, StudyFile, where, raw) from None
     if (doc.ablation is None) == (doc.search is None):
         raise SpecError("give exactly one of `ablation:` and `search:`", file=where.file, line=1)
 
@@ -583,7 +565,7 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     return plan
 
 
-def _check_validation_metrics(plan: StudyPlan, where: _Where) -> None:
+def _check_validation_metrics(plan: StudyPlan, where: Locator) -> None:
     """A val/ metric (objective or pruner) needs a validation split."""
     needs = [m.name for m in plan.metrics if m.name.startswith("val/")]
     if plan.pruner is not None and plan.pruner.type != "none":
@@ -600,7 +582,7 @@ def grid_size(dims: list[Dimension]) -> int:
     return n
 
 
-def _check_pivot(plan: StudyPlan, where: _Where) -> None:
+def _check_pivot(plan: StudyPlan, where: Locator) -> None:
     if plan.pivot is None:
         return
     for key in ("rows", "columns"):

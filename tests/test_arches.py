@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -460,8 +461,91 @@ def test_a_new_block_type_or_merge_is_one_class_and_one_registry_line():
         del BLOCKS["triple"], VARIANTS["half"]
 
 
-@pytest.mark.parametrize("letter, name", zip("abcde", PLACEMENTS))
+# He et al. 2016, Fig. 4, read off the figure: (a) original ... (e) full pre-activation
+PAPER_LETTERS = {"a": "original", "b": "bn_after_add", "c": "relu_before_add", "d": "relu_preact",
+                 "e": "full_preact"}
+
+
+@pytest.mark.parametrize("letter, name", sorted(PAPER_LETTERS.items()))
 def test_placement_letters_name_the_papers_placements(letter, name):
     by_letter = load_spec(ROOT / "specs" / "resnet20.yaml", [f"block.placement={letter.upper()}"])
     by_name = load_spec(ROOT / "specs" / "resnet20.yaml", [f"block.placement={name}"])
     assert by_letter.block.placement == name and spec_hash(by_letter) == spec_hash(by_name)
+
+
+# ---- placements and shortcut variants against their definitions, computed here on tiny tensors -----------------
+def _randomised(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter and BN running statistic drawn at random, eval mode (BN uses its running statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return block.eval()
+
+
+def _bn(x, bn):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _conv(x, conv):
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+
+
+# y for a basic block with identity shortcut (same width, stride 1), He et al. 2016 Fig. 4 (a)-(e)
+PLACEMENT_DEFINITIONS = {
+    "original": lambda x, b: F.relu(_bn(_conv(F.relu(_bn(_conv(x, b.conv1), b.bn1)), b.conv2), b.bn2) + x),
+    "bn_after_add": lambda x, b: F.relu(_bn(_conv(F.relu(_bn(_conv(x, b.conv1), b.bn1)), b.conv2) + x, b.bn2)),
+    "relu_before_add": lambda x, b: F.relu(_bn(_conv(F.relu(_bn(_conv(x, b.conv1), b.bn1)), b.conv2), b.bn2)) + x,
+    "relu_preact": lambda x, b: _bn(_conv(F.relu(_bn(_conv(F.relu(x), b.conv1), b.bn1)), b.conv2), b.bn2) + x,
+    "full_preact": lambda x, b: _conv(F.relu(_bn(_conv(F.relu(_bn(x, b.bn1)), b.conv1), b.bn2)), b.conv2) + x,
+}
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENT_DEFINITIONS))
+def test_each_placement_computes_the_papers_block(placement):
+    spec = spec_from_dict(tiny({"type": "basic", "placement": placement, "shortcut": "B"}))
+    block = _randomised(build_model(spec).layer1[1])                 # 4 -> 4 channels, stride 1: identity shortcut
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(block(x), PLACEMENT_DEFINITIONS[placement](x, block), atol=1e-5)
+
+
+def _branch(x, b):
+    """f(x) of a basic block in the original placement: BN(conv(ReLU(BN(conv(x)))))."""
+    return _bn(_conv(F.relu(_bn(_conv(x, b.conv1), b.bn1)), b.conv2), b.bn2)
+
+
+# y = ReLU(merge(f, s, x)) in the original placement; He et al. 2016 Table 1 / Fig. 2 (lambda = 0.5, b = -6)
+VARIANT_DEFINITIONS = {
+    "identity": lambda f, x, b: f + x,
+    "scaling": lambda f, x, b: 0.5 * x + 0.5 * f,                   # with scale_residual: (1 - lambda) f
+    "exclusive_gate": lambda f, x, b: torch.sigmoid(_conv(x, b.gate)) * f + (1 - torch.sigmoid(_conv(x, b.gate))) * x,
+    "shortcut_gate": lambda f, x, b: f + (1 - torch.sigmoid(_conv(x, b.gate))) * x,
+    "conv": lambda f, x, b: f + _conv(x, b.downsample[0]),
+    "dropout": lambda f, x, b: f + x,                               # eval mode: dropout passes s through
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_DEFINITIONS))
+def test_each_shortcut_variant_computes_its_definition(variant):
+    spec = spec_from_dict(tiny({"type": "basic", "placement": "original", "shortcut": "B", "variant": variant,
+                                "scale": 0.5, "scale_residual": True, "gate_bias": -6.0}))
+    block = _randomised(build_model(spec).layer1[1])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = F.relu(VARIANT_DEFINITIONS[variant](_branch(x, block), x, block))
+        assert torch.allclose(block(x), expected, atol=1e-5)
+    if variant == "dropout":       # training: each element of s dropped with p = 0.5, the kept ones doubled
+        block.train()
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()                            # (BN on running statistics, so f is the one computed above)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            y, f = block(x), _branch(x, block)
+        dropped, kept = torch.isclose(y, F.relu(f), atol=1e-5), torch.isclose(y, F.relu(f + 2 * x), atol=1e-5)
+        assert bool((dropped | kept).all()) and 0.3 < float((kept & ~dropped).float().mean()) < 0.7

@@ -236,3 +236,23 @@ def test_a_study_is_not_resumed_with_another_definition(tmp_path, capsys):
     err = cli_error(capsys, "ablate", str(path), "--set", "train.lr=0.01", "--output-dir", str(out))
     assert "study 'study' in sqlite:///" in err and "was made from another definition" in err
     assert err.endswith("run it under a new name with --study NAME")
+
+
+@pytest.mark.parametrize("body, where, words", [
+    ("search: {space: {width_multiplier: {low: 0.5, high: 2.0, step: -0.5}}}\n",
+     "search.space.width_multiplier.step", "greater than 0"),
+    ("search: {space: {width_multiplier: {low: 0.5, high: .inf}}}\n", "search.space.width_multiplier.high",
+     "finite number"),
+    ("search: {space: {stages.0.depth: {low: 1, high: 1000000}}}\n", "stages.0.depth", "less than or equal to 2000"),
+    ("ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: [0, -1]}\n", "ablation.seeds.1",
+     "greater than or equal to 0"),
+    ("ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 3, match: {by: macs, tolerance: -0.1}}\n",
+     "ablation.match.tolerance", "greater than 0"),
+    ("ablation: {axes: {train.batch_size: [0, 128]}, baseline: {train.batch_size: 128}, seeds: 1}\n",
+     "train.batch_size", "greater than or equal to 1"),
+])
+def test_study_files_with_values_out_of_range_are_one_line(tmp_path, capsys, body, where, words):
+    """Each of these once passed (an empty study, a RecursionError, an hour of validating, a crash at train time) or
+    blamed the wrong key; now one line names the key and the bound."""
+    err = cli_error(capsys, "validate", str(write(tmp_path, body)))
+    assert f": {where}: " in err and words in err, err

@@ -166,7 +166,7 @@ def test_diverged_arm_fails_with_reason_and_study_goes_on(tmp_path, fashion_mnis
 
     path = study_file(tmp_path, """
         ablation:
-          arms: {steady: {train.lr: 0.05}, exploding: {train.lr: 1.0e+30}}
+          arms: {steady: {train.lr: 0.05}, exploding: {train.lr: 1.0e+6}}
           baseline: steady
           seeds: 1
         """, name="diverge")

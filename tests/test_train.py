@@ -183,7 +183,7 @@ def test_resume_skips_epochs_already_recorded(fashion_mnist, store):
 
 
 def test_non_finite_loss_fails_the_run(fashion_mnist, store):
-    spec = small_spec(fashion_mnist, "data.train_subset=512", "train.epochs=2", "train.lr=1.0e+30",
+    spec = small_spec(fashion_mnist, "data.train_subset=512", "train.epochs=2", "train.lr=1.0e+6",
                       "train.schedule.type=constant", "data.test_subset=256", "data.val_size=256")
     result = train(spec, output_dir=store, progress=False)
     assert result.status == "FAILED"
@@ -239,3 +239,12 @@ def test_compiled_channels_last_run_on_cpu(fashion_mnist, store):
     _, model = load_model(result.checkpoint)
     correct, total = measure_test_accuracy(model, spec)
     assert total == 300 and abs(correct / total - result.metrics["test/acc"]) <= 2 / total
+
+
+def test_the_summary_of_a_run_whose_test_loss_was_not_finite():
+    """A net that blew up only at test time: its NaN test loss is not recorded (MLflow refuses NaN); the summary
+    still prints (it once raised KeyError)."""
+    from runs.fit import RunResult, summary_lines
+
+    lines = summary_lines(RunResult("r1", "FINISHED", {"test/acc": 0.1, "test/error": 0.9}), "sqlite:///x.db")
+    assert lines[0] == "test accuracy 0.1000  (error 90.00%, loss nan)" and "r1" in lines[1]

@@ -89,7 +89,7 @@ def test_bad_store_and_unknown_resume_are_one_line_exit_2(outputs):
 
 
 def test_nan_loss_fails_with_exit_1(fashion_mnist, outputs):
-    done = run_cli(*tiny(fashion_mnist, "data.train_subset=512", "train.epochs=1", "train.lr=1.0e+30",
+    done = run_cli(*tiny(fashion_mnist, "data.train_subset=512", "train.epochs=2", "train.lr=1.0e+6",
                          "train.schedule.type=constant"), "--output-dir", str(outputs))
     assert done.returncode == 1, done.stderr
     line = one_line(done.stderr)
