@@ -28,7 +28,7 @@ def arm_curves_figure(curves: Mapping[str, Sequence[Mapping[int, Mapping[str, fl
             values = [100 * np.array([run[e][metric] for run in seeds if e in run and metric in run[e]])
                       for e in epochs]
             means = np.array([v.mean() for v in values])
-            label = f"{arm} (n={max(len(v) for v in values)})" if metric == "val/error" else f"{arm} (train)"
+            label = f"{arm} val (n={max(len(v) for v in values)})" if metric == "val/error" else f"{arm} train"
             ax.plot(epochs, means, color=colour, label=label, marker="o" if len(epochs) == 1 else None, **style)
             spread = [(e, m, v.std(ddof=1)) for e, m, v in zip(epochs, means, values) if len(v) >= 2]
             if spread:
