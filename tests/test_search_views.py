@@ -16,21 +16,16 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
+from test_search_study import TINY
 
 pytestmark = pytest.mark.slow
 
 HEADER = "# Three shortcut options on a tiny ResNet.\n# Two seeds each.\n"
-BASE = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 256, val_size: 128, test_subset: 128, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 8
-  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}, {{depth: 1, width: 32, stride: 2}}]
-  train: {{epochs: 2, max_steps: null, batch_size: 64, limit_batches: 2, lr: 0.05, schedule: {{type: constant}},
-          warmup: {{steps: 0}}}}
-"""
+# the tiny study of test_search_study, smaller still: 2 epochs of 2 batches per trial
+BASE = TINY.replace("train_subset: 1000, val_size: 200, test_subset: 400",
+                    "train_subset: 256, val_size: 128, test_subset: 128").replace(
+    "epochs: 1, max_steps: null, batch_size: 100", "epochs: 2, max_steps: null, batch_size: 64, limit_batches: 2")
 
 
 def dashboard_get(storage: str, path: str) -> dict:
