@@ -151,11 +151,15 @@ def cmd_run(args) -> int:
         if value is not None:
             overrides.append((key, value))
     spec = load_network_spec(args.spec, overrides) if args.spec else None
+    if args.register is not None:
+        from runs.tracking import check_model_name
+
+        check_model_name(args.register)
     uri = args.tracking_uri or default_tracking_uri(args.output_dir)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     try:
         result = train(spec, tracking_uri=uri, experiment=args.experiment, run_name=args.run_name,
-                       resume=args.resume, output_dir=args.output_dir, progress=progress)
+                       resume=args.resume, output_dir=args.output_dir, progress=progress, register=args.register)
     except Interrupted as e:
         if e.rank == 0:
             print(f"interrupted ({e.signal_name}): run {e.run_id} KILLED, checkpoint {e.checkpoint}; continue "
@@ -167,6 +171,24 @@ def cmd_run(args) -> int:
         print(f"run {result.run_id} failed: {result.reason}", file=sys.stderr)
         return 1
     print("\n".join(summary_lines(result, uri)))
+    if args.register and not result.model_version:
+        print(f"--register: the model was not registered: {result.model_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from runs.export import ExportMismatch, check_format, export_model
+
+    check_format(args.format)
+    try:
+        result = export_model(args.ref, args.format, output=args.output, tracking_uri=args.tracking_uri,
+                              output_dir=args.output_dir)
+    except ExportMismatch as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"{result.format}: {result.path}  (checked with {result.runtime}: logits of a batch of {result.shape[0]} "
+          f"equal the checkpoint's, max |diff| {result.max_abs_diff:.2g})")
     return 0
 
 
@@ -251,7 +273,19 @@ def build_parser() -> Parser:
     p.add_argument("--num-nodes", type=int, help="nodes (sets train.num_nodes)")
     p.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
                    help="rich progress bar, one line per epoch, or by whether stdout is a terminal")
+    p.add_argument("--register", metavar="NAME", help="register the run's MLflow model as a new version of NAME "
+                                                      "in the model registry")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("export", help="export a trained network to torch.export, ONNX or TorchScript, checked "
+                                      "to give the checkpoint's logits")
+    p.add_argument("ref", metavar="RUN_ID_OR_CHECKPOINT", help="an MLflow run id or a .ckpt file")
+    p.add_argument("--format", required=True, metavar="|".join(("torch.export", "onnx", "torchscript")),
+                   help="torch.export (.pt2), onnx (needs the onnx package) or torchscript (.ts.pt)")
+    p.add_argument("--output", help="file to write (default: OUTPUT_DIR/exports/<spec>-<run or checkpoint>.<ext>)")
+    p.add_argument("--output-dir", default="outputs", help="where the default store and exports live (outputs)")
+    p.add_argument("--tracking-uri", help="MLflow store of the run (default: sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.set_defaults(handler=cmd_export)
 
     from search import add_study_arguments
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .checkpoint import EpochCheckpoint
@@ -120,6 +121,22 @@ class InterruptGuard(pl.Callback):
             if self.signal_name is None:
                 raise
             raise Interrupted(run_id, self.signal_name, self.saved, rank) from None
+
+
+class EpochBar(RichProgressBar):
+    """Lightning's rich progress bar, counting epochs from 1 as the epoch lines and MLflow steps do
+    ("Epoch 1/10"), with the epoch's running training loss beside the validation metrics."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = self.trainer.max_epochs
+        text = f"Epoch {current_epoch + 1}" + (f"/{total}" if total is not None and total > 0 else "")
+        return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        running = getattr(pl_module, "running_train_loss", None)
+        loss = running() if running is not None and trainer.training else None
+        return {"train loss": round(loss, 4), **items} if loss is not None else items
 
 
 class EpochLines(pl.Callback):

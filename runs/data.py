@@ -9,9 +9,10 @@ Where each named data set's files are and how they are read: runs.datasets (a re
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +28,25 @@ from .imagefolder import (EncodedBatch, FolderImages, GpuDecoder, ResumableLoade
 
 EVAL_BATCH = 512
 SYNTHETIC_SHAPE = (3, 32, 32)
+DIGEST_CHARS = 12
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}   # MLflow's dataset contexts
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' bytes (what a split holds, exactly), cut to DIGEST_CHARS hex digits."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def files_digest(samples: list[tuple[str, int]], root: Path) -> str:
+    """sha256 of an image-folder split: each file's path below root, size and label."""
+    h = hashlib.sha256()
+    for path, label in samples:
+        p = Path(path)
+        h.update(f"{p.relative_to(root) if p.is_relative_to(root) else p}\t{p.stat().st_size}\t{label}\n".encode())
+    return h.hexdigest()[:DIGEST_CHARS]
 
 
 @dataclass
@@ -94,7 +114,8 @@ class ReslabData(pl.LightningDataModule):
     After setup(): num_train, num_val, num_test (whole split, all ranks), steps_per_epoch (per process, after
     train.limit_batches), mean, std (per channel, 0..1 units, from the training split), num_classes,
     input_shape, augment, device (where in-memory sets live), decoder (imagefolder on the GPU: a GpuDecoder that
-    transfer_batch_to_device applies, else None).
+    transfer_batch_to_device applies, else None), digests (split -> content hash).
+    dataset_inputs() describes the splits for MLflow (name, digest, sizes); example_input() gives test images.
     """
 
     def __init__(self, spec: Spec):
@@ -113,6 +134,8 @@ class ReslabData(pl.LightningDataModule):
         self._arrays: Optional[Arrays] = None         # read by check(), used once by setup()
         self._ready_for: Optional[tuple] = None
         self.decoder: Optional[GpuDecoder] = None
+        self.digests: dict[str, str] = {}
+        self.root: Optional[Path] = None
 
     # -- where we run
     def _rank_world(self) -> tuple[int, int]:
@@ -176,6 +199,11 @@ class ReslabData(pl.LightningDataModule):
         train_split = torch.ones(len(arrays.train_labels), dtype=torch.bool)
         train_split[split.val] = False
         self.mean, self.std = channel_mean_std(arrays.train_images[train_split])
+        self.root = find_data_root(self.spec.data)
+        self.digests = {name: tensor_digest(images[idx], labels[idx]) for name, images, labels, idx in (
+            ("train", arrays.train_images, arrays.train_labels, split.train),
+            ("val", arrays.train_images, arrays.train_labels, split.val),
+            ("test", arrays.test_images, arrays.test_labels, split.test))}
         self._sets = {
             "train": (arrays.train_images[split.train].to(device), arrays.train_labels[split.train].to(device)),
             "val": (arrays.train_images[split.val].to(device), arrays.train_labels[split.val].to(device)),
@@ -200,10 +228,34 @@ class ReslabData(pl.LightningDataModule):
         self.decoder = GpuDecoder(size, channels, self.mean, self.std) if encoded else None
         make = lambda samples, aug: FolderImages(samples, size=size, channels=channels, augment=aug,  # noqa: E731
                                                  mean=self.mean, std=self.std, encoded=encoded)
+        self.root = root
+        self.digests = {name: files_digest(pick(samples, idx), root) for name, samples, idx in (
+            ("train", train, split.train), ("val", train, split.val), ("test", test, split.test))}
         self._sets = {"train": make(pick(train, split.train), self.augment),
                       "val": make(pick(train, split.val), "none"), "test": make(pick(test, split.test), "none")}
         self.num_train, self.num_val, self.num_test = len(split.train), len(split.val), len(split.test)
         self.classes = classes
+
+    # -- what it is, for records
+    def dataset_inputs(self) -> list[dict[str, Any]]:
+        """Each non-empty split as an MLflow dataset input: name (data.name), digest of its content, source, context
+        (training / validation / testing) and profile (its size, every split's size, input shape, classes)."""
+        if not self._sets:
+            self.setup()
+        sizes = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+        source = self.root.resolve().as_uri() if self.root is not None else f"reslab:{self.spec.data.name}"
+        common = {"splits": sizes, "input_shape": list(self.input_shape), "classes": self.num_classes,
+                  "seed": self.spec.train.seed}
+        return [{"name": self.spec.data.name, "digest": self.digests.get(split, ""), "source": source,
+                 "context": CONTEXTS[split], "profile": {"num_rows": n, "split": split, **common}}
+                for split, n in sizes.items() if n]
+
+    def example_input(self, n: int = 2) -> torch.Tensor:
+        """The first n test images as the network sees them (normalised, float32, on the CPU)."""
+        batch = next(iter(self.test_dataloader()))
+        if isinstance(batch, EncodedBatch):
+            batch = self.decoder(batch, self.device)
+        return batch[0][:n].float().cpu().contiguous()
 
     # -- loaders
     def _loader(self, which: str):

@@ -19,14 +19,13 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from arches import Complexity, Spec, complexity, plan_network, spec_hash
 from arches.errors import ReslabError, first_line
 
 from . import tracking
-from .callbacks import EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
+from .callbacks import EpochBar, EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
 from .checkpoint import LAST, EpochCheckpoint, checkpoint_dir, read_checkpoint, spec_of
 from .data import ReslabData
 from .module import EpochSummary, ReslabModule
@@ -77,7 +76,7 @@ def build_trainer(spec: Spec, output_dir: Union[str, Path], progress: Optional[b
     show_bar = sys.stdout.isatty() if progress is None else bool(progress)
     ckpt = EpochCheckpoint()
     summary, guard = EpochSummary(), InterruptGuard(ckpt)
-    progress_cb = RichProgressBar() if show_bar else EpochLines(spec.train.epochs)
+    progress_cb = EpochBar() if show_bar else EpochLines(spec.train.epochs)
     try:
         with quiet():
             trainer = pl.Trainer(**trainer_settings(spec), enable_progress_bar=show_bar,
@@ -147,11 +146,13 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
           run_name: Optional[str] = None, parent_run_id: Optional[str] = None, tags: Optional[dict] = None,
           callbacks: Sequence[pl.Callback] = (), resume: Optional[str] = None,
           output_dir: Union[str, Path] = "outputs", progress: Optional[bool] = None,
-          cost: Optional[Complexity] = None, data: Optional[pl.LightningDataModule] = None) -> RunResult:
+          cost: Optional[Complexity] = None, data: Optional[pl.LightningDataModule] = None,
+          params: Optional[dict] = None, register: Optional[str] = None) -> RunResult:
     """Train `spec` and record it as one MLflow run (see the module docstring). `spec` may be None when
     resuming: the checkpoint's spec is used. `progress`: rich bar (True), one line per epoch (False), or by
     whether stdout is a terminal (None). `cost`: the spec's complexity when the caller has it; `data`: a data
-    module to train on instead of the spec's data set."""
+    module to train on instead of the spec's data set; `params`: more MLflow params (a study's arm and seed);
+    `register`: register the run's MLflow model under this name (a new version)."""
     output_dir = Path(output_dir).expanduser().resolve()
     checkpoint = resume_checkpoint(resume, output_dir) if resume else None
     spec = _resumed_spec(spec, checkpoint, resume)
@@ -169,13 +170,14 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
         module.channels_last = uses_cuda(spec) if spec.train.channels_last is None else bool(spec.train.channels_last)
         trainer, (summary, guard, ckpt) = build_trainer(spec, output_dir, progress, callbacks)
         record = RunRecord(uri, spec, cost, output_dir=output_dir, rank=trainer.global_rank, experiment=experiment,
-                           run_name=run_name, parent_run_id=parent_run_id, tags=tags, resume=resume)
+                           run_name=run_name, parent_run_id=parent_run_id, tags=tags, resume=resume,
+                           params=params, register=register)
         try:
             with record, _launcher_env(record.run_id), guard.watching():
                 if record.recorder is not None:
                     trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, record.recorder)
                 ckpt.path = checkpoint_dir(output_dir, record.run_id or "rank-unknown") / LAST
-                record.follow(module, final=ckpt.path)
+                record.follow(module, final=ckpt.path, data=data)
                 with guard.as_interrupted(record.run_id, trainer.global_rank):
                     guard.fit(trainer, module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
                     trainer.test(module, datamodule=data, verbose=False)
@@ -200,6 +202,12 @@ def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
         lines.append(f"test accuracy {m['test/acc']:.4f}  (error {100 * m['test/error']:.2f}%, loss "
                      f"{m['test/loss']:.4f})")
     lines.append(f"run {result.run_id}  {result.status}" + (f"  checkpoint {result.checkpoint}" if result.checkpoint else ""))
+    if result.model_uri:
+        lines.append(f"model {result.model_uri}" + (f"  (registered version {result.model_version})"
+                                                     if result.model_version else "") +
+                     "   (mlflow.pytorch.load_model; export: python cli.py export RUN_ID --format torch.export)")
+    elif result.model_error:
+        lines.append(f"no MLflow model: {result.model_error}")
     lines.append(f"see it: mlflow ui --backend-store-uri {tracking_uri}   (or: python cli.py ui)")
     return lines
 
@@ -207,4 +215,5 @@ def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
 def json_result(result: RunResult) -> str:
     """The RunResult as JSON (for scripts)."""
     return json.dumps({"run_id": result.run_id, "status": result.status, "metrics": result.metrics,
-                       "checkpoint": result.checkpoint, "reason": result.reason}, indent=2)
+                       "checkpoint": result.checkpoint, "reason": result.reason, "model_uri": result.model_uri,
+                       "model_version": result.model_version, "model_error": result.model_error}, indent=2)

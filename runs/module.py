@@ -1,8 +1,20 @@
-"""The LightningModule that trains a compiled spec, and the callback that closes each epoch into one row.
+"""The LightningModule that trains a compiled spec: reslab's own runs use it, and so can any Lightning Trainer.
+
+    from arches import load_spec
+    from runs import ReslabData, ReslabModule
+    spec = load_spec("specs/fmnist_resnet20.yaml")
+    trainer = pl.Trainer(max_epochs=spec.train.epochs, logger=CSVLogger("logs"))    # any logger, callbacks
+    trainer.fit(ReslabModule(spec), datamodule=ReslabData(spec))
+    trainer.test(datamodule=...)
+
+Every metric goes through Lightning's logging under the names reslab records in MLflow: per epoch `train/loss
+train/acc train/error lr images_per_s` (logged at the end of each training epoch) and `val/loss val/acc val/error`
+(at the end of each validation), then `test/loss test/acc test/error`. Accuracy and error are exact ratios of
+counts (correct / seen, float64), synced across DDP processes; `module.history` keeps one row per epoch (epochs
+counted from 1), which is what reslab's MLflow recorder, epoch lines and pruners read.
 
 Hyperparameters are plain data (the spec as a JSON-style dict), so checkpoints load with
-`torch.load(path, weights_only=True)`; `ReslabModule(spec)` takes a validated Spec (or that dict). Metrics are torchmetrics objects: under DDP `compute()` syncs them, so
-every epoch row covers the whole data set.
+`torch.load(path, weights_only=True)`; `ReslabModule(spec)` takes a validated Spec (or that dict).
 """
 from __future__ import annotations
 
@@ -13,8 +25,7 @@ from typing import Any, Optional, Union
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric, Metric
 
 from arches import Spec, build_model, spec_from_dict
 from arches.plan import NetworkPlan
@@ -39,6 +50,30 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class CorrectCount(Metric):
+    """Correct top-1 predictions and images seen, as integer counts (summed across DDP processes): accuracy and
+    error are then exact ratios, computed in float64 (a float32 accuracy shows as 0.81599999)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += (predictions == labels).sum()
+        self.seen += labels.numel()
+
+    def compute(self) -> torch.Tensor:
+        return torch.stack((self.correct, self.seen))
+
+
+def _as_logged(value: float) -> torch.Tensor:
+    """A value for Lightning's self.log as a float64 tensor (a Python float would become float32)."""
+    return torch.tensor(value, dtype=torch.float64)
+
+
 class ReslabModule(pl.LightningModule):
     """Cross-entropy training of `build_model(spec)` with the spec's optimizer, schedule and metrics."""
 
@@ -48,22 +83,23 @@ class ReslabModule(pl.LightningModule):
         self.save_hyperparameters({"spec": self.spec.model_dump(mode="json") if isinstance(spec, Spec) else spec})
         self.model = build_model(self.spec, plan, init=True, resolve=init_checkpoint)   # init_from's weights, if any
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
-        classes = self.spec.classes
         # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'
         # nan_strategy="disable": MeanMetric's NaN check reads the tensor on the host, a GPU sync every step
         # (a NaN loss is caught by _watch_loss instead)
         self.metric_loss = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in SPLITS})
-        self.metric_acc = nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(classes, average="micro", validate_args=False) for s in SPLITS})
+        self.metric_acc = nn.ModuleDict({f"{s}_": CorrectCount() for s in SPLITS})
         for metric in [*self.metric_loss.values(), *self.metric_acc.values()]:
             metric.persistent(True)      # in checkpoints: an epoch resumed part-way keeps what it had summed
         self.channels_last = False        # set by fit.py for GPU runs
         self.compile_mode = compile_mode(self.spec.train.compile)   # None: eager
         self.results: dict[str, dict[str, float]] = {}  # split -> last computed metrics
-        self.history: list[dict[str, float]] = []        # one row per epoch, filled by EpochSummary
+        self.history: list[dict[str, float]] = []        # one row per epoch (close_epoch)
         self._compiled: Optional[Any] = None  # torch.compile(self.model), kept out of the submodules
         self._nonfinite = torch.zeros((), dtype=torch.bool)
         self._nonfinite_step = torch.full((), -1, dtype=torch.long)
+        self._t0 = self._train_time = 0.0          # the epoch's training time (validation excluded),
+        self._images, self._lr = 0, math.nan       # images seen by this process and the last learning rate
+        self._val_epoch = -1                       # the last epoch whose validation ran
 
     # ---- model ----------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -137,73 +173,84 @@ class ReslabModule(pl.LightningModule):
     def collect(self, split: str) -> dict[str, float]:
         """Compute (synced across processes) and reset one split's loss, accuracy and error."""
         loss_metric, acc_metric = self.metric_loss[f"{split}_"], self.metric_acc[f"{split}_"]
-        loss, acc = float(loss_metric.compute()), float(acc_metric.compute())
+        correct, seen = (int(v) for v in acc_metric.compute())
+        loss = float(loss_metric.compute()) if seen else math.nan
         loss_metric.reset()
         acc_metric.reset()
-        result = {f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/error": 1.0 - acc}
+        acc, error = (correct / seen, (seen - correct) / seen) if seen else (math.nan, math.nan)
+        result = {f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/error": error}
         self.results[split] = result
         return result
+
+    def running_train_loss(self) -> Optional[float]:
+        """The mean training loss of the epoch so far (this process), or None before the first step."""
+        metric = self.metric_loss["train_"]
+        weight = float(metric.weight)
+        return float(metric.mean_value) / weight if weight > 0 else None
+
+    def log_metrics(self, values: dict[str, float], prog_bar: bool = False) -> None:
+        """Through Lightning's logging (every logger the Trainer has, callback_metrics, the progress bar)."""
+        self.log_dict({k: _as_logged(v) for k, v in values.items()}, prog_bar=prog_bar, on_step=False,
+                      on_epoch=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._t0, self._train_time, self._images = time.perf_counter(), 0.0, 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._t0:   # also when a run resumes mid-epoch (no on_train_epoch_start then)
+            self._t0 = time.perf_counter()
+        self._lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self._images += int(batch[1].shape[0])
+
+    def on_validation_start(self) -> None:
+        if self.trainer.training and self._t0:
+            self._train_time += time.perf_counter() - self._t0
+            self._t0 = 0.0
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.metric_loss["val_"].reset()
             self.metric_acc["val_"].reset()
             return
-        self.log_dict(self.collect("val"), prog_bar=True, logger=False)
+        self._val_epoch = self.current_epoch
+        self.log_metrics(self.collect("val"), prog_bar=True)
 
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self.collect("test"), logger=False)
+    def on_train_epoch_end(self) -> None:
+        self.close_epoch()
 
-
-class EpochSummary(pl.Callback):
-    """Closes each training epoch into one row of metrics (train, the epoch's validation, lr, images/s).
-
-    The row goes to `module.history` and to `trainer.callback_metrics` (for pruners and early stopping);
-    recorders placed after this callback read `module.history[-1]`.
-    """
-
-    def __init__(self) -> None:
-        self._t0 = 0.0
-        self._train_time = 0.0
-        self._images = 0
-        self._lr = float("nan")
-        self._val_epoch = -1
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0, self._train_time, self._images = time.perf_counter(), 0.0, 0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if not self._t0:   # also when a run resumes mid-epoch (no on_train_epoch_start then)
-            self._t0 = time.perf_counter()
-        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
-        self._images += int(batch[1].shape[0])
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training and self._t0:
-            self._train_time += time.perf_counter() - self._t0
-            self._t0 = 0.0
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._val_epoch = trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module: ReslabModule = pl_module  # type: ignore[assignment]
+    def close_epoch(self) -> dict[str, float]:
+        """The epoch's row (train metrics, the epoch's validation, lr, images/s), appended to `history` and logged;
+        once per epoch (reslab's EpochSummary calls it before the callbacks that read the row)."""
+        trainer, epoch = self.trainer, self.current_epoch + 1
+        if self.history and self.history[-1]["epoch"] == epoch:
+            return self.history[-1]
         if self._t0:
             self._train_time += time.perf_counter() - self._t0
             self._t0 = 0.0
-        module.check_loss_finite()
-        row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
-        row.update(module.collect("train"))
-        if self._val_epoch == trainer.current_epoch and "val" in module.results:
-            row.update(module.results["val"])
+        self.check_loss_finite()
+        row: dict[str, float] = {"epoch": epoch}
+        row.update(self.collect("train"))
+        if self._val_epoch == self.current_epoch and "val" in self.results:
+            row.update(self.results["val"])
         row["lr"] = float(self._lr)
         images = self._images * trainer.world_size
         row["images_per_s"] = images / self._train_time if self._train_time > 0 else math.nan
         self._images, self._train_time = 0, 0.0
-        module.history.append(row)
-        pl_module.log_dict({k: v for k, v in row.items() if k.startswith("train/")}, logger=False)
+        self.history.append(row)
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch" and not k.startswith("val/")})
+        return row
+
+    def on_test_epoch_end(self) -> None:
+        self.log_metrics(self.collect("test"))
+
+
+class EpochSummary(pl.Callback):
+    """reslab's first callback: closes each training epoch into its row (ReslabModule.close_epoch) before the
+    callbacks after it (the MLflow recorder, epoch lines, pruners) read `module.history[-1]`. (Lightning calls the
+    callbacks' on_train_epoch_end before the module's own.)"""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.close_epoch()  # type: ignore[operator]
 
 
 def _batches_per_epoch(trainer: pl.Trainer) -> float:

@@ -1,10 +1,13 @@
 """Figures as PNG files with matplotlib's object API (Figure, no pyplot: no backend or other global state is
 touched), and the training curves of one run in the style of He et al.'s figures: error (%) against epochs,
-training error thin and dashed, validation error bold, one colour per run."""
+training error thin and dashed, validation error bold, one colour per run. Every reslab figure draws training
+and validation curves with TRAIN_STYLE and VAL_STYLE, and names metrics with metric_axis (readable name, unit)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
+
+import math
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -12,6 +15,29 @@ from matplotlib.ticker import MaxNLocator
 
 TRAIN_STYLE = {"linestyle": "--", "linewidth": 1.0}      # every figure draws training error this way ...
 VAL_STYLE = {"linestyle": "-", "linewidth": 2.2}         # ... and validation error this way
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+COST_NAMES = {"macs": "multiply-accumulates", "params": "parameters"}
+
+
+def metric_axis(name: str, values: Sequence[float] = ()) -> tuple[str, float]:
+    """(axis label with unit, factor to multiply values by) for a metric: 'val/error' -> ('validation error (%)',
+    100); 'macs' -> ('multiply-accumulates (M)', 1e-6) by the values' size; 'latency_ms' -> ('latency (ms)', 1)."""
+    split, _, what = name.partition("/")
+    if what in ("error", "acc"):
+        return f"{SPLIT_NAMES.get(split, split)} {'accuracy' if what == 'acc' else 'error'} (%)", 100.0
+    if what == "loss":
+        return f"{SPLIT_NAMES.get(split, split)} loss", 1.0
+    if name in COST_NAMES:
+        top = max((abs(v) for v in values if v == v), default=0.0)
+        for factor, unit in ((1e-9, "G"), (1e-6, "M"), (1e-3, "K")):
+            if top * factor >= 1:
+                return f"{COST_NAMES[name]} ({unit})", factor
+        return COST_NAMES[name], 1.0
+    if name == "latency_ms":
+        return "latency (ms)", 1.0
+    if name == "images_per_s":
+        return "images / s", 1.0
+    return name, 1.0
 
 
 def new_figure(width: float, height: float, rows: int = 1, columns: int = 1, squeeze: bool = True,
@@ -47,18 +73,23 @@ def epoch_axis(ax: Any, title: Optional[str] = None) -> None:
         ax.legend(fontsize=8)
 
 
-def error_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: Union[str, Path],
-                 title: Optional[str] = None) -> Path:
-    """Plot each run's history rows (`epoch`, `train/error`, `val/error`) into one PNG; returns the path."""
+def error_curves_figure(runs: Mapping[str, Sequence[Mapping[str, float]]], title: Optional[str] = None) -> Figure:
+    """Each run's history rows (`epoch`, `train/error`, `val/error`): training dashed, validation bold."""
     fig, ax = new_figure(6.0, 4.2)
     palette = colours()
     for i, (label, rows) in enumerate(runs.items()):
         for split, style, suffix in (("train", TRAIN_STYLE, " train"), ("val", VAL_STYLE, " val")):
             points = [(r["epoch"], 100.0 * r[f"{split}/error"]) for r in rows
-                      if f"{split}/error" in r and r[f"{split}/error"] == r[f"{split}/error"]]
+                      if f"{split}/error" in r and not math.isnan(r[f"{split}/error"])]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, color=palette[i % len(palette)], label=f"{label}{suffix}",
                         marker="o" if len(xs) == 1 else None, **style)
     epoch_axis(ax, title)
-    return save_figure(fig, path)
+    return fig
+
+
+def error_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: Union[str, Path],
+                 title: Optional[str] = None) -> Path:
+    """error_curves_figure as a PNG; returns the path."""
+    return save_figure(error_curves_figure(runs, title), path)

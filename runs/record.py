@@ -5,10 +5,13 @@ that the way out maps to (ENDINGS), its curves and final checkpoint kept as arti
         ...train, using record.run_id and record.recorder...
     result = record.result           # RunResult, read back from what MLflow holds
 
-Only global rank 0 writes; on other ranks the record is a name (run id) and builds its result from the module.
+A finished run also gets its MLflow model (runs.tracking.log_model: `runs:/<run id>/model`, registered when
+asked); a failure to log it is noted in the tag `model_error` and never fails the run. Only global rank 0 writes;
+on other ranks the record is a name (run id) and builds its result from the module.
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
 import socket
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from rich.console import Console
 
 from arches import Complexity, Spec, diff_from_base, spec_hash, to_yaml
@@ -32,6 +36,7 @@ from .plots import error_curves
 RUN_ID_ENV = "RESLAB_RUN_ID"   # hands the MLflow run id to DDP processes started by the launcher
 HOST_TAG, PID_TAG = "reslab.host", "reslab.pid"   # the process that has the run open (a stale RUNNING run: gone)
 ENDING_TAGS = ("pruned_reason", "interrupted_by")  # said by an ending; cleared when the run is reopened
+MODEL_ERROR_TAG = "model_error"  # why a finished run has no MLflow model
 
 
 @dataclass
@@ -43,6 +48,9 @@ class RunResult:
     checkpoint: Optional[str] = None              # path of the final checkpoint
     reason: Optional[str] = None                  # why it failed
     rank: int = 0                                 # global rank of the process that returns it
+    model_uri: Optional[str] = None               # runs:/<run id>/model when the MLflow model was logged
+    model_version: Optional[str] = None           # its registered version (register=NAME)
+    model_error: Optional[str] = None             # why the model could not be logged or registered
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,11 @@ class RunRecord:
 
     def __init__(self, tracking_uri: str, spec: Spec, cost: Complexity, *, output_dir: Path, rank: int = 0,
                  experiment: Optional[str] = None, run_name: Optional[str] = None,
-                 parent_run_id: Optional[str] = None, tags: Optional[dict] = None, resume: Optional[str] = None):
+                 parent_run_id: Optional[str] = None, tags: Optional[dict] = None, resume: Optional[str] = None,
+                 params: Optional[dict] = None, register: Optional[str] = None):
         self.uri, self.spec, self.cost, self.output_dir, self.rank = tracking_uri, spec, cost, output_dir, rank
         self.experiment, self.run_name, self.parent_run_id, self.tags = experiment, run_name, parent_run_id, tags
-        self.resume = resume
+        self.resume, self.params, self.register = resume, params, register
         self.client: Any = None
         self.run_id = os.environ.get(RUN_ID_ENV) or resume or ""
         self.recorded_through = 0          # epochs already in MLflow (a resumed run)
@@ -89,7 +98,9 @@ class RunRecord:
         self.ended = False                 # the MLflow run was ended (rank 0)
         self._monitor: Any = None
         self._module: Any = None
+        self._data: Any = None
         self._final: Optional[Path] = None
+        self._model: dict[str, Any] = {}
 
     # ---- opening ---------------------------------------------------------------------------------------
     def __enter__(self) -> "RunRecord":
@@ -107,9 +118,10 @@ class RunRecord:
         """The per-epoch MLflow callback (rank 0), or None."""
         return tracking.MlflowRecorder(self.uri, self.run_id, self.recorded_through) if self.client else None
 
-    def follow(self, module: Any, final: Path) -> None:
-        """Where the result comes from: the module's history and test results, the final checkpoint's path."""
-        self._module, self._final = module, final
+    def follow(self, module: Any, final: Path, data: Any = None) -> None:
+        """Where the result comes from: the module's history, test results and network, the final checkpoint's
+        path, and the data module (the model's input example)."""
+        self._module, self._final, self._data = module, final, data
 
     def _create(self) -> str:
         """Create the run and record what identifies it: params, tags, spec, model table."""
@@ -117,13 +129,17 @@ class RunRecord:
         if self.parent_run_id and self.experiment is None:   # a nested child lives in its parent's experiment
             exp_id = client.get_run(self.parent_run_id).info.experiment_id
         else:
-            exp_id = tracking.ensure_experiment(client, self.experiment or tracking.experiment_name(spec),
-                                                self.output_dir)
+            name = self.experiment or tracking.experiment_name(spec)
+            exp_id = tracking.ensure_experiment(client, name, self.output_dir, description=(
+                f"reslab training runs of the {name} family (`python cli.py run SPEC`): params are the resolved "
+                f"spec, metrics per epoch (step = epoch), the trained network is each run's model."))
         tags = {**tracking.spec_tags(spec, self.cost), **owner_tags(),
                 **{k: str(v) for k, v in (self.tags or {}).items()}}
         run_id = tracking.create_run(client, exp_id, self.run_name or spec.name, parent_run_id=self.parent_run_id)
         try:
             tracking.log_params(client, run_id, tracking.spec_params(spec))
+            if self.params:                      # what the run stands for in a study (arm, seed)
+                tracking.log_params(client, run_id, self.params)
             tracking.set_tags(client, run_id, tags)
             client.log_text(run_id, to_yaml(spec), "spec.yaml")
             client.log_text(run_id, model_table(self.cost), "model.txt")
@@ -179,6 +195,8 @@ class RunRecord:
                 test = {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items()
                         if k.startswith("test/")}
                 self._log_artifacts(history, final)
+                if final is not None:
+                    self._log_model(step=int(history[-1]["epoch"]) if history else 0)
             except Exception as e:  # noqa: BLE001  (a run that could not be trained is still ended below)
                 if exc is None:
                     raise
@@ -196,7 +214,9 @@ class RunRecord:
         metrics.update(test)
         self.result = RunResult(run_id=self.run_id, status="FINISHED" if ending is FINISHED else "FAILED",
                                 metrics=metrics, history=history, checkpoint=str(final) if final else None,
-                                reason=why if ending.returns else None, rank=self.rank)
+                                reason=why if ending.returns else None, rank=self.rank,
+                                model_uri=self._model.get("model_uri"), model_version=self._model.get("version"),
+                                model_error=self._model.get("error"))
         return ending.returns
 
     def _log_artifacts(self, history: list[dict], checkpoint: Optional[Path]) -> None:
@@ -208,6 +228,25 @@ class RunRecord:
                 self.client.log_artifact(self.run_id, str(png))
         if checkpoint is not None:
             self.client.log_artifact(self.run_id, str(checkpoint), "checkpoints")
+
+    def _log_model(self, step: int) -> None:
+        """The trained network as the run's MLflow model, the resolved spec beside it (a failure is noted)."""
+        if self._module is None:
+            return
+        try:
+            network = copy.deepcopy(self._module.model).cpu().to(memory_format=torch.contiguous_format).eval()
+            example = self._data.example_input() if hasattr(self._data, "example_input") else torch.zeros(
+                2, self.spec.input.channels, self.spec.input.size, self.spec.input.size)
+            with tempfile.TemporaryDirectory(prefix="reslab-") as tmp:
+                spec_file = Path(tmp) / "spec.yaml"
+                spec_file.write_text(to_yaml(self.spec))
+                self._model = tracking.log_model(
+                    self.client, self.run_id, network, example, step=step,
+                    files=[spec_file], register=self.register,
+                    metadata={"reslab_spec": self.spec.name, "reslab_spec_hash": spec_hash(self.spec)})
+        except Exception as e:  # noqa: BLE001  (the run's record stays whole without its model)
+            self._model = {"error": f"{type(e).__name__}: {first_line(e)}"}
+            tracking.set_tags(self.client, self.run_id, {MODEL_ERROR_TAG: self._model["error"]})
 
 
 def owner_tags() -> dict[str, str]:

@@ -6,16 +6,20 @@ rank 0 talks to MLflow. Per-epoch metrics are logged with step = epoch number (1
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import pytorch_lightning as pl
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
@@ -37,6 +41,8 @@ METRIC_KEYS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", 
 TEST_KEYS = ("test/loss", "test/acc", "test/error")
 STATE_TAG = "state"            # how a run ended, in reslab's words: FINISHED | FAILED | INTERRUPTED | PRUNED |
 FAILURE_TAG = "failure_reason"  # COMPLETE (a study's trial); and why, when it failed
+NOTE_TAG = "mlflow.note.content"   # the description MLflow's UI shows for an experiment or a run
+MODEL_NAME = "model"           # a finished run's MLflow model: runs:/<run id>/model
 ROOT = Path(__file__).resolve().parents[1]
 MetricKey = Union[str, Sequence[str]]
 
@@ -133,20 +139,28 @@ def experiment_name(spec: Spec) -> str:
     return match.group(1) if match else spec.name
 
 
-def ensure_experiment(client: MlflowClient, name: str, output_dir: str | Path = "outputs") -> str:
-    """Id of the experiment `name`, created (artifacts under output_dir/mlartifacts) if missing."""
+def ensure_experiment(client: MlflowClient, name: str, output_dir: str | Path = "outputs",
+                      description: Optional[str] = None) -> str:
+    """Id of the experiment `name`, created (artifacts under output_dir/mlartifacts) if missing; `description`
+    becomes its description in MLflow's UI (the tag mlflow.note.content) unless it has one."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(output_dir))
-    except MlflowException:  # created meanwhile by another process
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+        experiment_id = found.experiment_id
+        has_note = bool(found.tags.get(NOTE_TAG))
+    else:
+        has_note = False
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=artifact_root(output_dir))
+        except MlflowException:  # created meanwhile by another process
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    if description and not has_note:
+        client.set_experiment_tag(experiment_id, NOTE_TAG, description[:MAX_TAG_VALUE])
+    return experiment_id
 
 
 # ---- names and values ------------------------------------------------------------------------------------
@@ -224,13 +238,36 @@ def end_run(client: MlflowClient, run_id: str, status: str, tags: Optional[dict[
     client.set_terminated(run_id, status=status)
 
 
-def git_commit(cwd: Path = ROOT) -> Optional[str]:
-    """HEAD's commit hash of the repository holding reslab, or None."""
+def _git(*args: str, cwd: Path = ROOT) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_commit(cwd: Path = ROOT) -> Optional[str]:
+    """HEAD's commit hash of the repository holding reslab, or None."""
+    return _git("rev-parse", "HEAD", cwd=cwd)
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source fields (its UI's Source and User columns): the program that ran (the script given to Python,
+    else reslab's cli.py), LOCAL, the user, and the git commit, branch and remote of the reslab checkout."""
+    entry = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    name = entry.resolve() if entry is not None and entry.is_file() else ROOT / "cli.py"
+    tags = {"mlflow.source.name": str(name), "mlflow.source.type": "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    for tag, args in (("mlflow.source.git.commit", ("rev-parse", "HEAD")),
+                      ("mlflow.source.git.branch", ("rev-parse", "--abbrev-ref", "HEAD")),
+                      ("mlflow.source.git.repoURL", ("config", "--get", "remote.origin.url"))):
+        value = _git(*args)
+        if value:
+            tags[tag] = value
+    return tags
 
 
 def compact_diff(diff: dict[str, tuple[Any, Any]]) -> str:
@@ -254,11 +291,105 @@ def spec_tags(spec: Spec, cost: Complexity) -> dict[str, str]:
     source = getattr(spec, "_source", None)
     if source is not None and getattr(source, "file", None):
         tags["spec_file"] = str(source.file)
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
+    tags.update(source_tags())
+    if "mlflow.source.git.commit" in tags:
+        tags["git_commit"] = tags["mlflow.source.git.commit"]
     return tags
+
+
+def log_table(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows as an MLflow table artifact (JSON; the UI shows it as a table, mlflow.load_table reads it)."""
+    import pandas as pd
+
+    if rows:
+        client.log_table(run_id, pd.DataFrame(rows), artifact_file)
+
+
+# ---- data sets and models --------------------------------------------------------------------------------
+def log_datasets(client: MlflowClient, run_id: str, datasets: Iterable[dict[str, Any]]) -> None:
+    """The run's data as MLflow dataset inputs (the runs table's Dataset column): one per split, each a dict with
+    name, digest, source (a URI), context (train | val | test) and profile (sizes, shapes: JSON-ready)."""
+    inputs = []
+    for d in datasets:
+        entity = Dataset(name=d["name"], digest=d["digest"], source_type="local" if d["source"].startswith("file:")
+                         else "code", source=json.dumps({"uri": d["source"]}),
+                         profile=json.dumps(d.get("profile") or {}))
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", d["context"])]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def log_model(client: MlflowClient, run_id: str, network: Any, example: Any, *, step: int = 0,
+              files: Sequence[Path] = (), metadata: Optional[dict[str, Any]] = None,
+              register: Optional[str] = None) -> dict[str, Any]:
+    """The trained network as the run's MLflow model `model` (the mlflow.pytorch flavour, serialised with
+    torch.export: no pickle; input example and signature from `example`, a batch of >= 2 inputs so that the
+    batch size stays free), `files` beside its MLmodel file, the run's metrics at `step` linked to it, and,
+    with `register`, a new version of that registered model.
+
+    `mlflow.pytorch.load_model("runs:/<run id>/model")` gives the network back. Returns model_id, model_uri and
+    (registered) version. MLflow's fluent log_model writes to the global tracking URI and experiment; this uses
+    the client's own store (the same steps, through MlflowClient)."""
+    import torch
+    import mlflow.pytorch
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model, infer_signature
+
+    run = client.get_run(run_id)
+    with torch.no_grad():
+        logits = network(example)
+    signature = infer_signature(example.numpy(), logits.numpy())
+    model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                       params=dict(run.data.params), model_type="pytorch",
+                                       tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")})
+    try:
+        with tempfile.TemporaryDirectory(prefix="reslab-model-") as tmp, quiet():
+            path = Path(tmp) / MODEL_NAME
+            info = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                         model_id=model.model_id)
+            mlflow.pytorch.save_model(network, str(path), mlflow_model=info, signature=signature,
+                                      input_example=example.numpy(), serialization_format="pt2",
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                      metadata=metadata)
+            for f in files:                  # beside MLmodel (MLflow's extra_files would copy with a progress bar)
+                shutil.copyfile(f, path / Path(f).name)
+            client.log_model_artifacts(model.model_id, str(path))
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id)
+                  for key in run.data.metrics for m in client.get_metric_history(run_id, key)
+                  if m.step == step and m.model_id is None]
+        for chunk in _chunks(linked, METRIC_BATCH):
+            client.log_batch(run_id, metrics=chunk)
+        client.finalize_logged_model(model.model_id, "READY")
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    out = {"model_id": model.model_id, "model_uri": f"runs:/{run_id}/{MODEL_NAME}", "version": None}
+    if register:
+        out["version"] = register_model(client, register, model.artifact_location, run_id, model.model_id)
+    return out
+
+
+def check_model_name(name: str) -> str:
+    """A registered-model name MLflow accepts (one-line error for --register otherwise)."""
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as e:
+        raise ReslabError(first_line(e) or "not a valid model name", file="--register") from None
+    return name
+
+
+def register_model(client: MlflowClient, name: str, source: str, run_id: str, model_id: str) -> str:
+    """A new version of registered model `name` (created when missing) from the logged model; its version."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return str(client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
+                                           await_creation_for=0).version)
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -322,7 +453,8 @@ def stop_system_metrics(monitor: Any) -> None:
 
 
 class MlflowRecorder(pl.Callback):
-    """Lightning callback: logs each epoch's row (from EpochSummary) to the MLflow run, on global rank 0.
+    """Lightning callback: logs the data module's data sets (`dataset_inputs()`) when training starts and each
+    epoch's row (ReslabModule.history, closed by EpochSummary) to the MLflow run, on global rank 0.
 
     Rows of epochs already recorded (an interrupted attempt of a resumed run) are skipped: no duplicates.
     Holds only strings until first used, so it pickles (ddp_spawn)."""
@@ -339,6 +471,11 @@ class MlflowRecorder(pl.Callback):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        describe = getattr(trainer.datamodule, "dataset_inputs", None)
+        if trainer.is_global_zero and describe is not None:
+            log_datasets(self.client, self.run_id, describe())
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         history = getattr(pl_module, "history", None)

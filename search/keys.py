@@ -39,4 +39,5 @@ STUDY_TAG = "reslab.study"              # on the parent and every child
 ROLE_TAG = "reslab.role"                # study | trial
 KIND_TAG = "reslab.kind"                # on the parent: ablation | search
 TRIAL_TAG = "reslab.trial"              # on children: the Optuna trial number
+TRIALS_TAG = "reslab.trials"            # on the parent: trial counts by state ("4 complete, 1 fail")
 # (a child's state and failure reason use the tags every run has: runs.tracking.STATE_TAG, FAILURE_TAG)

@@ -151,6 +151,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         TrialRecord.put(trial, arm=arm, seed=seed)
         run_name = f"{arm} seed {seed}"
         tags = {"arm": arm, "seed": str(seed)}
+        params: Optional[dict[str, Any]] = {"arm": arm, "seed": seed}    # the runs table's columns
     else:
         values = sample(trial, plan)
         try:
@@ -158,7 +159,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         except SpecError as e:
             return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
         run_name = f"trial {trial.number}"
-        tags = {}
+        tags, params = {}, None
     tags.update({keys.STUDY_TAG: plan.name, keys.ROLE_TAG: "trial",
                  keys.TRIAL_TAG: str(trial.number)})
     complexity_ = complexity(spec)                       # once: the costs and the run's records share it
@@ -176,7 +177,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     try:
         result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
                        run_name=run_name, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=callbacks,
-                       resume=resume, output_dir=ctx.output_dir, progress=ctx.progress, cost=complexity_)
+                       resume=resume, output_dir=ctx.output_dir, progress=ctx.progress, cost=complexity_,
+                       params=params)
     except Pruned as e:
         run_id = _run_of(ctx, trial.number)
         if run_id:

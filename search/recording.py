@@ -22,7 +22,7 @@ def experiment_name(kind: str, study: str) -> str:
 
 def create_parent_run(client: MlflowClient, experiment_id: str, study: str, kind: str, description: str = "") -> str:
     """A new parent run for the study; returns its id."""
-    tags = {keys.STUDY_TAG: study, keys.ROLE_TAG: "study", keys.KIND_TAG: kind}
+    tags = {keys.STUDY_TAG: study, keys.ROLE_TAG: "study", keys.KIND_TAG: kind, **tracking.source_tags()}
     if description:
         tags["mlflow.note.content"] = description
     return tracking.create_run(client, experiment_id, study, tags)

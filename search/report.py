@@ -11,6 +11,7 @@ import io
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,13 @@ from .storage import default_storage, open_storage, shown, with_driver
 from .trials import TrialRecord
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
+EVALUATORS = {"ped-anova": ("PED-ANOVA", optuna.importance.PedAnovaImportanceEvaluator),
+              "fanova": ("fANOVA", lambda: optuna.importance.FanovaImportanceEvaluator(seed=0))}
+TEST_NOTE = ("p: two-sided paired t-test on the per-seed differences (scipy.stats.ttest_rel), 95% CI of the mean "
+             "difference from the t distribution; W: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) where "
+             "the arms' seeds differ")
+HOLM_NOTE = ("p (Holm): Holm's step-down adjustment over this metric's comparisons (family-wise error rate); "
+             "judge a difference by it when several arms are compared")
 
 
 # ---- summarising ----------------------------------------------------------------------------------------
@@ -65,9 +73,10 @@ def summarize(study: optuna.Study) -> dict:
                            "trials": _state_counts(trials)}
     if meta["kind"] == "ablation":
         out.update(_ablation(meta, trials))
+        out["importances"] = None          # arm and seed are the design of an ablation, not parameters to rank
     else:
         out.update(_search(study, meta, trials))
-    out["importances"] = _importances(study, [t for t in trials if t.state == TrialState.COMPLETE])
+        out["importances"] = importances(study, meta, [t for t in trials if t.state == TrialState.COMPLETE])
     return _clean(out)
 
 
@@ -147,15 +156,34 @@ def _search(study: optuna.Study, meta: dict, trials: list) -> dict:
     return {"objectives": names, "trials_table": rows, "best": best}
 
 
-def _importances(study: optuna.Study, complete: list) -> dict[str, float]:
+def importances(study: optuna.Study, meta: dict, complete: list) -> Optional[dict]:
+    """Optuna's parameter importances for the first objective, with the evaluator the study file chose
+    (`importance:`, PED-ANOVA by default): {evaluator, target, values, notes}; None when the file said none or too
+    few trials ran. Optuna's warnings are kept as notes (never printed); importances Optuna says are all equal
+    (too few trials to tell) are left out."""
+    choice = meta.get("importance") or "ped-anova"
     params = {k for t in complete for k in t.params}
-    if len(params) < 2 or len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
-        return {}
-    try:
-        target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, target=target).items()}
-    except Exception:  # noqa: BLE001  (too few distinct values etc.: no importances, no failure)
-        return {}
+    if choice == "none" or len(params) < 2 or len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return None
+    label, make = EVALUATORS[choice]
+    objective = meta["metrics"][0]
+    out: dict[str, Any] = {"evaluator": label, "target": objective["name"], "values": {}, "notes": []}
+    # PED-ANOVA ranks parameters by what gives LOW target values: a maximised objective is negated for it
+    sign = -1.0 if objective["goal"] == "maximize" and choice == "ped-anova" else 1.0
+    target = (lambda t: sign * t.values[0]) if len(study.directions) > 1 or sign < 0 else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            values = optuna.importance.get_param_importances(study, evaluator=make(), target=target)
+        except Exception as e:  # noqa: BLE001  (too few distinct values etc.: a note, not a failure)
+            out["notes"].append(f"{type(e).__name__}: {e}")
+            values = {}
+    notes = [str(w.message) for w in caught if "computes the importances of params to achieve low" not in
+             str(w.message)]
+    out["notes"] += notes
+    if not any("will be equal" in n for n in notes):
+        out["values"] = {k: float(v) for k, v in values.items()}
+    return out
 
 
 # ---- printing -------------------------------------------------------------------------------------------
@@ -181,25 +209,30 @@ def _p(p: Optional[float]) -> str:
 
 
 def ablation_table(summary: dict, metric: str) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of one metric: arm, n, mean ± std, Δ vs reference, 95% CI, p, [width ×], MACs, params.
+    """Columns and rows of one metric: arm, n, mean ± std, Δ vs reference, 95% CI, p, [p (Holm)], [width ×], MACs,
+    params.
 
-    p is the paired t-test by seed; 'W' marks Welch's test (seeds did not match)."""
+    p is the paired t-test by seed; 'W' marks Welch's test (seeds did not match); p (Holm) appears with more than
+    one comparison."""
     arms = {a["name"]: a for a in summary["arms"]}
     refs = {s["reference"] for s in summary["results"][metric]}
     matched = any(a.get("width_multiplier") not in (None, 1, 1.0) for a in summary["arms"])
+    holm = any((s.get("comparison") or {}).get("p_holm") is not None for s in summary["results"][metric])
     columns = ["arm", "n", "mean ± std", "Δ" if len(refs) > 1 else f"Δ vs {next(iter(refs))}", "95% CI", "p"]
-    columns += (["width ×"] if matched else []) + ["MACs", "params"]
+    columns += (["p (Holm)"] if holm else []) + (["width ×"] if matched else []) + ["MACs", "params"]
     rows = []
     for s in summary["results"][metric]:
         a = arms[s["arm"]]
         c = s.get("comparison")
         mean = "—" if s["mean"] is None else fmt(metric, s["mean"]) + \
             ("" if s["std"] is None else f" ± {fmt(metric, s['std'])}")
+        adjusted = ""
         if s["arm"] == s["reference"]:
             diff, ci, p = "baseline", "", ""
         elif c is None:
             diff, ci, p = "—", "", ""
         else:
+            adjusted = _p(c.get("p_holm"))
             diff = fmt(metric, c["diff"], sign=True)
             if len(refs) > 1:
                 ref = arms[s["reference"]]["labels"]
@@ -209,6 +242,8 @@ def ablation_table(summary: dict, metric: str) -> tuple[list[str], list[list[str
             p = _p(c["p"]) + (" W" if c["test"].startswith("Welch") else "")
         failed = len(a["failed"])
         row = [s["arm"], str(s["n"]) + (f" +{failed} failed" if failed else ""), mean, diff, ci, p]
+        if holm:
+            row.append(adjusted)
         if matched:
             row.append("" if a["width_multiplier"] is None else f"{a['width_multiplier']:.4g}")
         rows.append(row + [fmt("macs", a["macs"]), fmt("params", a["params"])])
@@ -254,13 +289,39 @@ def print_report(summary: dict, console: Optional[Console] = None) -> None:
                                                                       for a in summary["arms"]), soft_wrap=True)
     else:
         print_search(summary, console)
-    if summary["importances"]:
-        console.print("parameter importances (Optuna fANOVA): " +
-                      ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items()))
+    if summary["kind"] == "ablation":
+        console.print(TEST_NOTE + (f"; {HOLM_NOTE}" if _has_holm(summary) else ""), soft_wrap=True)
+    line = importance_line(summary.get("importances"))
+    if line:
+        console.print(line, soft_wrap=True)
     if summary.get("mlflow"):
         m = summary["mlflow"]
         console.print(f"MLflow: experiment '{m['experiment']}' in {m['tracking_uri']} (curves, children, "
                       f"artifacts: python cli.py ui)", soft_wrap=True)
+
+
+def _has_holm(summary: dict) -> bool:
+    return any((s.get("comparison") or {}).get("p_holm") is not None
+               for rows in summary["results"].values() for s in rows)
+
+
+def importance_line(imp: Optional[dict]) -> str:
+    """'parameter importances for val/error (Optuna PED-ANOVA): depth 0.71, width 0.29', or why there are none."""
+    if not imp:
+        return ""
+    head = f"parameter importances for {imp['target']} (Optuna {imp['evaluator']})"
+    if imp["values"]:
+        return head + ": " + ", ".join(f"{k} {v:.2f}" for k, v in imp["values"].items())
+    return head + ": none (" + ("; ".join(imp["notes"]) or "no result") + ")"
+
+
+def per_seed_table(summary: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of one metric's value for every arm and seed (— where a seed has no result)."""
+    seeds = [str(s) for s in summary["seeds"]]
+    rows = []
+    for s in summary["results"][metric]:
+        rows.append([s["arm"], *[fmt(metric, s["values"].get(seed)) for seed in seeds]])
+    return ["arm", *[f"seed {seed}" for seed in seeds]], rows
 
 
 def _cell(pv: dict, row: str, col: str) -> str:
@@ -299,14 +360,14 @@ def results_csv(summary: dict) -> str:
     if summary["kind"] == "ablation":
         axes = list(summary["axes"])
         w.writerow(["metric", "arm", *axes, "reference", "n", "mean", "std", "diff", "ci_low", "ci_high", "p",
-                    "test", "width_multiplier", "params", "macs", "seeds"])
+                    "p_holm", "test", "width_multiplier", "params", "macs", "seeds"])
         arms = {a["name"]: a for a in summary["arms"]}
         for metric, rows in summary["results"].items():
             for s in rows:
                 a, c = arms[s["arm"]], s.get("comparison") or {}
                 w.writerow([metric, s["arm"], *[a["labels"].get(x, "") for x in axes], s["reference"], s["n"],
                             s["mean"], s["std"], c.get("diff"), c.get("ci_low"), c.get("ci_high"), c.get("p"),
-                            c.get("test"), a["width_multiplier"], a["params"], a["macs"],
+                            c.get("p_holm"), c.get("test"), a["width_multiplier"], a["params"], a["macs"],
                             " ".join(f"{k}:{v}" for k, v in s["values"].items())])
     else:
         keys = sorted({k for r in summary["trials_table"] for k in r["params"]})
@@ -321,12 +382,17 @@ def results_csv(summary: dict) -> str:
 def results_markdown(summary: dict) -> str:
     lines = [f"# {summary['kind']} {summary['study']}", ""]
     if summary["kind"] == "ablation":
+        lines += [f"n = seeds per arm; mean ± sample std over seeds. {TEST_NOTE}."]
+        if _has_holm(summary):
+            lines += ["", HOLM_NOTE + "."]
+        lines.append("")
         for m in summary["metrics"]:
-            columns, rows = ablation_table(summary, m["name"])
-            lines += [f"## {m['name']}{' (%)' if _percent(m['name']) else ''} ({m['goal']})", "",
-                      "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(r) + " |" for r in rows]
-            lines.append("")
+            unit = " (%)" if _percent(m["name"]) else ""
+            lines += [f"## {m['name']}{unit} ({m['goal']})", ""]
+            for columns, rows in (ablation_table(summary, m["name"]), per_seed_table(summary, m["name"])):
+                lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                lines += ["| " + " | ".join(r) + " |" for r in rows]
+                lines.append("")
         for pv in summary["pivots"]:
             cols = pv["column_labels"]
             lines += [f"## {pv['metric']} by {pv['rows']} × {pv['columns']}", "",
@@ -337,6 +403,8 @@ def results_markdown(summary: dict) -> str:
     else:
         names = summary["objectives"]
         keys = sorted({k for r in summary["trials_table"] for k in r["params"]})
+        best = "Pareto-optimal" if len(names) > 1 else "best"
+        lines += [f"* = {best} trial. {importance_line(summary.get('importances'))}".rstrip(), ""]
         lines += ["| trial | state | " + " | ".join(keys + names) + " |", "|" + "---|" * (2 + len(keys) + len(names))]
         for r in summary["trials_table"]:
             values = r["values"] or [None] * len(names)
@@ -359,18 +427,21 @@ def write_files(summary: dict, study: optuna.Study, client: Any, folder: Path) -
         curves = arm_histories(study, client)
         if any(curves.values()):
             files.append(plots.arm_curves(curves, folder / "curves.png", title=f"{summary['study']}: error, "
-                                          f"train (dashed) / val (bold), mean over seeds"))
+                                          f"train (dashed) / val (bold), mean ± std over seeds"))
     if summary["kind"] == "search" and len(summary["objectives"]) >= 2:
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
         if complete:
             points = [t.values[:2] for t in complete]
             front = [t.values[:2] for t in study.best_trials]
+            goals = [m["goal"] for m in summary["metrics"][:2]]
             files.append(plots.pareto_front(points, front, summary["objectives"][:2], folder / "pareto.png",
-                                            title=f"{summary['study']}: Pareto front"))
+                                            title=f"{summary['study']}: Pareto front", goals=goals))
     imp = summary.get("importances") or {}
-    if imp:
+    if imp.get("values"):
         (folder / "importances.json").write_text(json.dumps(imp, indent=2))
-        files += [folder / "importances.json", plots.importances(imp, folder / "importances.png")]
+        files += [folder / "importances.json", plots.importances(
+            imp["values"], folder / "importances.png",
+            title=f"parameter importances for {imp['target']} (Optuna {imp['evaluator']})")]
     return files
 
 
@@ -424,8 +495,9 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
         files = write_files(summary, study, client, Path(folder or tmp))
         if parent:
             tracking.log_files(client, parent, files, "results")
+    _dashboard_note(study, summary)
     if parent:
-        _log_parent_metrics(client, parent, summary)
+        _log_parent_summary(client, parent, summary)
         if interrupted:
             client.set_terminated(parent, status="KILLED")
         elif is_done(study):
@@ -433,15 +505,40 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
     return summary
 
 
-def _log_parent_metrics(client: Any, run_id: str, summary: dict) -> None:
-    """Per-arm mean and std of every metric, and trial counts by state, on the study's parent run."""
+def arm_rows(summary: dict) -> list[dict]:
+    """One row per metric and arm: n, mean, std, the comparison with its reference and the per-seed values."""
     rows = []
+    for metric, arms in summary.get("results", {}).items():
+        for s in arms:
+            c = s.get("comparison") or {}
+            rows.append({"metric": metric, "arm": s["arm"], "reference": s["reference"], "n": s["n"],
+                         "mean": s["mean"], "std": s["std"], "diff": c.get("diff"), "ci_low": c.get("ci_low"),
+                         "ci_high": c.get("ci_high"), "p": c.get("p"), "p_holm": c.get("p_holm"),
+                         "test": c.get("test"), **{f"seed {k}": v for k, v in s["values"].items()}})
+    return rows
+
+
+def _log_parent_summary(client: Any, run_id: str, summary: dict) -> None:
+    """The per-arm statistics as a table artifact (results/arms.json: the UI shows it as a table; they are not
+    metrics, so the trials' curves keep the chart view to themselves) and the trial counts as a tag."""
+    tracking.log_table(client, run_id, arm_rows(summary), "results/arms.json")
+    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
+    tracking.set_tags(client, run_id, {keys.TRIALS_TAG: counts or "none"})
+
+
+def _dashboard_note(study: optuna.Study, summary: dict) -> None:
+    """The report as the study's note in optuna-dashboard (its Markdown note), when optuna-dashboard is installed:
+    an ablation's arms, n, mean ± std, tests and per-seed values next to Optuna's own views."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    meta = study.user_attrs.get(keys.META) or {}
+    head = meta.get("description") or ""
     if summary["kind"] == "ablation":
-        for metric, arms in summary["results"].items():
-            for s in arms:
-                rows += [((s["arm"], metric, stat), s[stat], 0) for stat in ("mean", "std") if s[stat] is not None]
-    rows += [(("trials", state), float(n), 0) for state, n in summary["trials"].items()]
-    tracking.log_metric_rows(client, run_id, rows)
+        head += ("\n\nAn ablation: each trial is one arm x seed (params `arm`, `seed`); arms are compared below, "
+                 "Optuna's 'best trial' is not a result of it.")
+    save_note(study, (head.strip() + "\n\n" + results_markdown(summary)).strip())
 
 
 def load_study_by_ref(ref: str, storage_url: str) -> optuna.Study:

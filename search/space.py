@@ -40,6 +40,7 @@ RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", 
 COST_METRICS = ("params", "macs", "latency_ms")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
+IMPORTANCES = ("ped-anova", "fanova", "none")   # Optuna's evaluators (PED-ANOVA is Optuna's default)
 OPTUNA_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -101,12 +102,13 @@ class SearchSpec(Strict):
     trials: int = Field(20, ge=1, le=100_000)            # total over all workers and restarts
     timeout: Optional[float] = Field(None, gt=0, le=10**8)  # seconds per command; no new trial starts after it
     max_attempts: int = Field(3, ge=1, le=100)
+    importance: Literal["ped-anova", "fanova", "none"] = "ped-anova"  # Optuna's parameter-importance evaluator
 
 
 class StudyFile(Strict):
     base: str                                            # spec file, relative to this file
     name: Optional[str] = None                           # study name (default: this file's name)
-    description: str = ""
+    description: str = ""                                # default: the file's header comment
     set: dict[str, Any] = {}                             # dotted key -> value, for every trial
     ablation: Optional[AblationSpec] = None
     search: Optional[SearchSpec] = None
@@ -188,6 +190,8 @@ class StudyPlan:
     pruner: Optional[PrunerSpec] = None
     trials: int = 0
     timeout: Optional[float] = None
+    importance: str = "ped-anova"
+    description: str = ""                                # `description:`, else the file's header comment
 
     @property
     def objectives(self) -> list[Metric]:
@@ -256,6 +260,8 @@ class StudyPlan:
             "match": self.match.model_dump() if self.match else None,
             "pivot": self.pivot.model_dump() if self.pivot else None,
             "dimensions": [d.key for d in self.dimensions],
+            "importance": self.importance if self.kind == "search" else None,
+            "description": self.description,
         }
 
 
@@ -539,6 +545,7 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     source.base_data = copy.deepcopy(data)     # a trial's diff_from_base: what its arm or sample changed
     plan = StudyPlan(kind="ablation" if doc.ablation else "search", name=name or doc.name or path.stem, file=path,
                      base=base, text=path.read_text(), document=data, source=source, metrics=[], overrides=cli)
+    plan.description = doc.description or header_comment(plan.text)
     if doc.ablation is not None:
         plan.axes, plan.arms, plan.seeds, plan.metrics = _load_ablation(doc.ablation, where)
         plan.max_attempts = doc.ablation.max_attempts
@@ -557,7 +564,7 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
         s = doc.search
         plan.dimensions, plan.metrics, plan.pruner = _load_search(s, where)
         plan.sampler, plan.sampler_seed, plan.trials, plan.timeout = s.sampler, s.sampler_seed, s.trials, s.timeout
-        plan.max_attempts = s.max_attempts
+        plan.max_attempts, plan.importance = s.max_attempts, s.importance
         if s.sampler == "grid" and "trials" not in s.model_fields_set:
             plan.trials = grid_size(plan.dimensions)
         _check_space(plan)
@@ -607,6 +614,17 @@ def _check_space(plan: StudyPlan) -> None:
             [int(d.high) if d.kind == "int" else d.high]
         for v in values:
             plan.search_spec({**first, d.key: v})
+
+
+def header_comment(text: str) -> str:
+    """The comment lines a YAML file starts with, without their '#': what the file says it is."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break
+        lines.append(stripped[1:].strip())
+    return "\n".join(lines).strip()
 
 
 def study_name_of(ref: str) -> str:

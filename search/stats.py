@@ -3,6 +3,9 @@
 Arms run with the same seeds share data order and initial weights, so their results are paired by seed: the
 paired t-test (scipy.stats.ttest_rel) on the per-seed differences. Arms whose seeds do not match (a seed
 failed in one of them) are compared with Welch's t-test (scipy.stats.ttest_ind, equal_var=False).
+
+With more than one comparison per metric (more than two arms), each p-value is also given Holm-adjusted
+(Holm 1979, step-down Bonferroni; controls the family-wise error rate over the metric's comparisons).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class Comparison:
     p: float                         # two-sided; NaN when it cannot be computed (n < 2, no variance)
     test: str                        # 'paired t' | 'Welch t'
     n: int                           # pairs (paired) or arm's n (Welch)
+    p_holm: Optional[float] = None   # Holm-adjusted p over the metric's comparisons (None: only one)
 
 
 @dataclass
@@ -90,12 +94,30 @@ def compare(arm: dict[int, float], reference: dict[int, float]) -> Optional[Comp
     return Comparison(diff, float(ci.low), float(ci.high), float(res.pvalue), "Welch t", len(a))
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the given order: the i-th smallest of m p-values is multiplied by
+    (m - i + 1), then made monotone (never below the adjusted p before it) and capped at 1. NaN stays NaN and
+    does not count towards m."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if p == p)
+    m, running = len(finite), 0.0
+    out = [math.nan] * len(pvalues)
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 def compare_arms(values: dict[str, dict[int, float]], references: dict[str, str]) -> list[ArmStats]:
-    """One ArmStats per arm (in the order of `references`), each compared with its reference arm."""
+    """One ArmStats per arm (in the order of `references`), each compared with its reference arm; with more than
+    one comparison, their p-values are Holm-adjusted together."""
     out = []
     for arm, ref in references.items():
         mine = values.get(arm, {})
         n, mean, std = describe(list(mine.values()))
         comparison = None if arm == ref else compare(mine, values.get(ref, {}))
         out.append(ArmStats(arm, ref, n, mean, std, dict(mine), comparison))
+    comparisons = [a.comparison for a in out if a.comparison is not None]
+    if len(comparisons) > 1:
+        for c, adjusted in zip(comparisons, holm([c.p for c in comparisons])):
+            c.p_holm = adjusted
     return out

@@ -231,19 +231,24 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
         if keys.TRIAL_THREADS not in attrs:   # fixed once: a cell's result must not depend on the worker count
             study.set_user_attr(keys.TRIAL_THREADS, trial_threads(plan))
         threads = int(study.user_attrs[keys.TRIAL_THREADS])
+        names = [m.name for m in plan.objectives]
+        if study.metric_names != names:               # optuna-dashboard and Optuna's plots name the objectives
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)
         if created or keys.FINGERPRINT not in attrs:
             study.set_user_attr(keys.FINGERPRINT, fingerprint)
             study.set_user_attr(keys.KIND, plan.kind)
             study.set_user_attr(keys.META, plan.meta())
             study.set_user_attr(keys.TEXT, plan.text)
             study.set_user_attr(keys.BASE_TEXT, plan.base.read_text())
-        experiment_id = ensure_experiment(client, experiment, opts.output_dir)
+        experiment_id = ensure_experiment(client, experiment, opts.output_dir, description=describe(plan))
         parent = attrs.get(keys.PARENT)
         if not tracking.run_exists(client, parent):
             if parent:
                 print(f"note: parent run {parent} of study '{plan.name}' is not in {opts.tracking_uri}; "
                       f"starting a new one (give every worker the same --tracking-uri)", file=sys.stderr)
-            parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind)
+            parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind, describe(plan))
             study.set_user_attr(keys.PARENT, parent)
             tracking.log_files(client, parent, [plan.file, plan.base], "study")
         else:
@@ -257,6 +262,16 @@ def trial_threads(plan: StudyPlan) -> int:
     (more cores: more workers)."""
     given = (plan.document.get("train") or {}).get("threads")
     return int(given) if isinstance(given, int) and given > 0 else 1
+
+
+def describe(plan: StudyPlan) -> str:
+    """The study's description in MLflow (experiment and parent run): the file's own words, then how to read it."""
+    how = ("Each arm x seed is a child run (params arm, seed; tags arm, seed): group the runs by the tag `arm` "
+           "to compare arms, mean and spread over seeds. The parent run holds the report (results/results.md, "
+           "the per-arm table results/arms.json, curves.png)." if plan.kind == "ablation" else
+           "Each trial is a child run (params trial.*). The parent run holds the report (results/results.md, "
+           "pareto.png, importances).")
+    return f"{plan.description}\n\n{how}" if plan.description else how
 
 
 # ---- the worker loop ------------------------------------------------------------------------------------

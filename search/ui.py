@@ -1,11 +1,16 @@
-"""`python cli.py ui`: the MLflow UI (an `mlflow server` subprocess) on 127.0.0.1 over the local store."""
+"""`python cli.py ui`: the MLflow UI (an `mlflow server` subprocess) on 127.0.0.1 over the local store.
+
+The server runs in its own process group (mlflow starts uvicorn below it): Ctrl-C (SIGINT) or SIGTERM to
+`cli.py ui` stops the whole group, so no server is left serving once the command is gone.
+"""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from arches.errors import ReslabError
 from runs.tracking import artifact_root, client_for, default_tracking_uri
@@ -31,7 +36,7 @@ def ui_command(output_dir: str = "outputs", port: int = 5000, tracking_uri: Opti
 
 def serve_ui(output_dir: str = "outputs", port: int = 5000, tracking_uri: Optional[str] = None,
              host: str = "127.0.0.1") -> int:
-    """Start the MLflow UI, print its URL, and wait until it stops (Ctrl-C stops it)."""
+    """Start the MLflow UI, print its URL, and wait until it stops (Ctrl-C or SIGTERM stops it and its server)."""
     if not 0 < port < 65536:
         raise ReslabError(f"port {port} is out of range", file="--port")
     if not port_free(host, port):
@@ -42,13 +47,37 @@ def serve_ui(output_dir: str = "outputs", port: int = 5000, tracking_uri: Option
           flush=True)
     # the server's background job runner (LLM judges, trace rollups) is of no use here and slows start and stop
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, env=env)
+
+    def stop(signum: int, frame: Any) -> None:    # SIGTERM as Ctrl-C: the server group is stopped below
+        raise KeyboardInterrupt
+
+    proc: Optional[subprocess.Popen] = None
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         return 0
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if proc is not None:             # whatever the way out, no part of the server is left behind
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL to what is left after `timeout` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+            # the group leader is gone; its children (uvicorn) may not be: make sure
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return

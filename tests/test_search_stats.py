@@ -274,3 +274,27 @@ def test_latency_and_costs_of_a_tiny_spec(tmp_path):
     macs = 28 * 28 * 4 * 9 + 2 * 28 * 28 * conv + 2 * 14 * 14 * conv + 2 * 7 * 7 * conv + 4 * 10
     assert (c["params"], c["macs"]) == (params, macs) == (1006, 324616)
     assert 0 < c["latency_ms"] < 10_000
+
+
+def test_holm_adjustment_by_hand():
+    """Holm (1979) on four p-values, worked by hand: sorted 0.005, 0.01, 0.03, 0.04 are multiplied by 4, 3, 2, 1
+    (0.02, 0.03, 0.06, 0.04) and made non-decreasing (the last becomes 0.06); NaN is left out of the count."""
+    from search.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([0.2, float("nan"), 0.6])
+    assert adjusted[0] == pytest.approx(0.4) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
+    assert holm([0.7, 0.9]) == pytest.approx([1.0, 1.0])          # capped at 1
+
+
+def test_holm_only_with_more_than_one_comparison():
+    from search.stats import compare_arms
+
+    values = {"A": {0: 0.1, 1: 0.2, 2: 0.15}, "B": {0: 0.2, 1: 0.25, 2: 0.3}, "C": {0: 0.1, 1: 0.3, 2: 0.2}}
+    two = compare_arms({k: values[k] for k in "AB"}, {"A": "A", "B": "A"})
+    assert two[1].comparison.p_holm is None
+    three = compare_arms(values, {"A": "A", "B": "A", "C": "A"})
+    raw = [three[1].comparison.p, three[2].comparison.p]
+    small, large = sorted(raw)
+    assert min(three[1].comparison.p_holm, three[2].comparison.p_holm) == pytest.approx(2 * small)
+    assert max(three[1].comparison.p_holm, three[2].comparison.p_holm) == pytest.approx(max(2 * small, large))

@@ -52,3 +52,37 @@ def test_ui_port_in_use_is_one_line(outputs):
         result = run_cli("ui", "--port", str(busy), "--output-dir", str(outputs))
     assert result.returncode == 2
     assert result.stderr.strip() == f"--port: port {busy} on 127.0.0.1 is in use; pick another with --port"
+
+
+def _wait_for_server(port: int, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("the MLflow server did not answer")
+
+
+def test_sigterm_stops_the_server_too(outputs):
+    """SIGTERM to `cli.py ui` (what a service manager or `kill` sends) ends the mlflow server and every process it
+    started: nothing is left serving, no orphan."""
+    import psutil
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ui", "--port", str(port), "--output-dir",
+                             str(outputs)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_server(port, proc)
+        server = psutil.Process(proc.pid).children(recursive=True)
+        assert server, "cli.py ui started no server process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(server, timeout=30)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "the port still answers"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
