@@ -125,7 +125,10 @@ class InterruptGuard(pl.Callback):
 
 class EpochBar(RichProgressBar):
     """Lightning's rich progress bar, counting epochs from 1 as the epoch lines and MLflow steps do
-    ("Epoch 1/10"), with the epoch's running training loss beside the validation metrics."""
+    ("Epoch 1/10"), with the epoch's running training loss beside the validation metrics. The loss is read at an
+    epoch's first and last batch and every LOSS_EVERY batches between: reading it makes the host wait for the GPU."""
+    LOSS_EVERY = 50
+    _loss: Optional[float] = None
 
     def _get_train_description(self, current_epoch: int) -> str:
         total = self.trainer.max_epochs
@@ -135,8 +138,11 @@ class EpochBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
         running = getattr(pl_module, "running_train_loss", None)
-        loss = running() if running is not None and trainer.training else None
-        return {"train loss": round(loss, 4), **items} if loss is not None else items
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        due = progress.current.ready % self.LOSS_EVERY == 1 or progress.is_last_batch or self._loss is None
+        if running is not None and trainer.training and due:
+            self._loss = running()
+        return {"train loss": round(self._loss, 4), **items} if self._loss is not None else items
 
 
 class EpochLines(pl.Callback):
