@@ -16,6 +16,8 @@ import os
 import sys
 
 EXIT_BAD_INPUT = 2
+# flags whose default comes from the environment, as MLflow's own tools read it (--flag: variable)
+ENVIRONMENT_DEFAULTS = {"--tracking-uri": "MLFLOW_TRACKING_URI", "--storage": "RESLAB_STORAGE"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,7 +146,7 @@ def cmd_run(args) -> int:
         raise ReslabError("give a spec file to train" if not args.resume else
                           "--set needs a spec file; --resume alone continues the recorded spec", file="run")
     from runs.fit import Interrupted, summary_lines, train
-    from runs.tracking import default_tracking_uri
+    from runs.tracking import default_tracking_uri, remote_artifacts
 
     overrides = list(args.overrides)
     for key, value in (("train.devices", args.devices), ("train.num_nodes", args.num_nodes)):
@@ -162,8 +164,9 @@ def cmd_run(args) -> int:
                        resume=args.resume, output_dir=args.output_dir, progress=progress, register=args.register)
     except Interrupted as e:
         if e.rank == 0:
+            store = f"--tracking-uri {uri}" if remote_artifacts(uri) else f"--output-dir {args.output_dir}"
             print(f"interrupted ({e.signal_name}): run {e.run_id} KILLED, checkpoint {e.checkpoint}; continue "
-                  f"with: python cli.py run --resume {e.run_id} --output-dir {args.output_dir}", file=sys.stderr)
+                  f"with: python cli.py run --resume {e.run_id} {store}", file=sys.stderr)
         return e.exit_code
     if result.rank != 0:
         return 0 if result.status == "FINISHED" else 1
@@ -257,7 +260,8 @@ def build_parser() -> Parser:
                                                     "training run); default: own runs in --experiment")
     p.add_argument("--experiment", default="diagnostics", help="MLflow experiment (without --run)")
     p.add_argument("--output-dir", default="outputs", help="where the default MLflow store lives")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<output-dir>/mlflow.db)")
     p.set_defaults(handler=cmd_diagnose)
 
     p = sub.add_parser("run", help="train one spec with Lightning and record it as one MLflow run")
@@ -266,7 +270,8 @@ def build_parser() -> Parser:
                    help="override spec values by dotted path, values parsed as YAML (train.epochs=3)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (same MLflow run)")
     p.add_argument("--output-dir", default="outputs", help="MLflow store, artifacts and checkpoints (outputs)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<output-dir>/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: spec.family, else the name without depth)")
     p.add_argument("--run-name", help="MLflow run name (default: the spec's name)")
     p.add_argument("--devices", type=int, help="processes/GPUs per node (sets train.devices; >1 = DDP)")
@@ -284,7 +289,8 @@ def build_parser() -> Parser:
                    help="torch.export (.pt2), onnx (needs the onnx package) or torchscript (.ts.pt)")
     p.add_argument("--output", help="file to write (default: OUTPUT_DIR/exports/<spec>-<run or checkpoint>.<ext>)")
     p.add_argument("--output-dir", default="outputs", help="where the default store and exports live (outputs)")
-    p.add_argument("--tracking-uri", help="MLflow store of the run (default: sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow store of the run (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///OUTPUT_DIR/mlflow.db)")
     p.set_defaults(handler=cmd_export)
 
     from search import add_study_arguments
@@ -300,9 +306,10 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("report", help="per-arm statistics (or a search's trials) of a stored study")
     p.add_argument("study", help="study name, or its ablation/search file")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUTPUT_DIR/optuna.db)")
+    p.add_argument("--storage", help="Optuna storage URL (default: $RESLAB_STORAGE, else "
+                                     "sqlite:///OUTPUT_DIR/optuna.db)")
     p.add_argument("--tracking-uri", help="MLflow store of the study's runs, named in the report (default: "
-                                          "sqlite:///OUTPUT_DIR/mlflow.db)")
+                                          "$MLFLOW_TRACKING_URI, else sqlite:///OUTPUT_DIR/mlflow.db)")
     p.add_argument("--output-dir", default="outputs", help="where the default stores live (outputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_report)
@@ -311,11 +318,24 @@ def build_parser() -> Parser:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1, this machine only)")
     p.add_argument("--output-dir", default="outputs", help="where the default store lives (outputs)")
-    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///OUTPUT_DIR/mlflow.db)")
     p.set_defaults(handler=cmd_ui)
 
     # (each command: one parser block here, one cmd_ function above)
     return parser
+
+
+def environment_defaults(args: argparse.Namespace) -> dict[str, str]:
+    """Fill --tracking-uri and --storage left out from $MLFLOW_TRACKING_URI and $RESLAB_STORAGE; returns
+    {flag: variable} for those taken from the environment (an error about one names the variable)."""
+    taken = {}
+    for flag, variable in ENVIRONMENT_DEFAULTS.items():
+        attr = flag[2:].replace("-", "_")
+        if hasattr(args, attr) and getattr(args, attr) is None and os.environ.get(variable, "").strip():
+            setattr(args, attr, os.environ[variable].strip())
+            taken[flag] = variable
+    return taken
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,10 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     from arches.errors import ReslabError
     from runs.quiet import quiet
 
+    from_environment = environment_defaults(args)
     try:
         with quiet():
             return args.handler(args) or 0
     except ReslabError as e:
+        if e.file in from_environment:      # the value came from a variable, not from the flag
+            e.file = f"{e.file} (${from_environment[e.file]})"
         print(str(e), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

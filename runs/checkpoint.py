@@ -1,7 +1,9 @@
 """Checkpoints: where a run keeps them, and loading a trained network back (weights_only=True, no pickles).
 
 A checkpoint is Lightning's dict; its `hyper_parameters` hold the resolved spec as plain data, so the network
-is rebuilt from the checkpoint alone.
+is rebuilt from the checkpoint alone. A run recorded in a local store keeps its last.ckpt in
+<output_dir>/checkpoints/<run_id>/; a run recorded on a tracking server keeps it among the run's artifacts
+(checkpoints/last.ckpt, replaced every epoch), where every machine can read it.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote, urlparse
 
 import pytorch_lightning as pl
@@ -50,6 +52,8 @@ class EpochCheckpoint(pl.Callback):
     def __init__(self) -> None:
         self.path: Optional[Path] = None      # <output_dir>/checkpoints/<run_id>/last.ckpt, set by train
         self.saved_step = -1                  # global step of the state last written
+        self.keep: Optional[Callable[[Path], Optional[str]]] = None  # after each write (rank 0): keep it elsewhere
+        # too (the tracking server's artifact store); returns where, which `save` then returns
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
@@ -67,7 +71,8 @@ class EpochCheckpoint(pl.Callback):
             return None
         write_atomically(self.path, lambda tmp: trainer.strategy.checkpoint_io.save_checkpoint(state, tmp))
         self.saved_step = trainer.global_step
-        return str(self.path)
+        kept = self.keep(self.path) if self.keep is not None else None
+        return kept or str(self.path)
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:
@@ -128,12 +133,9 @@ def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
         if candidate.exists():
             return candidate
     else:
-        try:
-            names = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
-            if ARTIFACT in names:
-                return Path(client.download_artifacts(run_id, ARTIFACT, tempfile.mkdtemp(prefix="reslab-")))
-        except Exception:  # noqa: BLE001
-            pass
+        fetched = fetch_checkpoint(client, run_id, Path(tempfile.mkdtemp(prefix="reslab-")))
+        if fetched is not None:
+            return fetched
         tried.append(f"{run.info.artifact_uri}/{ARTIFACT}")
     folders = [Path(output_dir)] if output_dir else []
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
@@ -146,6 +148,30 @@ def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
             return candidate
     raise ReslabError(f"run {run_id} has no checkpoint (looked in: {', '.join(dict.fromkeys(tried))})",
                       file="run id")
+
+
+def stored_checkpoint(client: Any, run_id: str) -> bool:
+    """Whether the run's artifacts hold checkpoints/last.ckpt (a run on a tracking server keeps it there)."""
+    try:
+        return ARTIFACT in [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    except Exception:  # noqa: BLE001  (an unreadable listing: no checkpoint to be had)
+        return False
+
+
+def fetch_checkpoint(client: Any, run_id: str, folder: Path) -> Optional[Path]:
+    """The run's artifact checkpoints/last.ckpt downloaded into `folder` (None when the run has none)."""
+    if not stored_checkpoint(client, run_id):
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, ARTIFACT, str(folder)))
+
+
+def resumable(client: Any, run: Any, output_dir: Union[str, Path]) -> bool:
+    """Whether a stopped run left a checkpoint to continue from: <output_dir>/checkpoints/<run_id>/last.ckpt here, or
+    (a run whose artifacts are not in a local folder: a tracking server's) its artifact checkpoints/last.ckpt."""
+    if (checkpoint_dir(output_dir, run.info.run_id) / LAST).exists():
+        return True
+    return _local_path(run.info.artifact_uri) is None and stored_checkpoint(client, run.info.run_id)
 
 
 def init_checkpoint(run_id: str) -> Path:

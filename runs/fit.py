@@ -7,12 +7,19 @@ Only global rank 0 talks to MLflow; under DDP (`devices: 2`) every process train
 whole data set. A NaN/inf loss ends the run FAILED (returned, not raised); Ctrl-C or SIGTERM saves a checkpoint,
 ends the run KILLED and raises `Interrupted`; `train(..., resume=run_id)` continues it in the same MLflow run.
 How each way out ends the MLflow run is the table runs.record.ENDINGS.
+
+Several nodes (`num_nodes: M`, launched on every node by torchrun, SLURM's srun, or with the variables Lightning reads:
+MASTER_ADDR, MASTER_PORT, NODE_RANK) make one MLflow run too: global rank 0 creates it. On a tracking server
+(`tracking_uri="http://..."`) the checkpoint is written to a temporary folder and uploaded to the run's artifacts every
+epoch; `resume=run_id` downloads it from there, so a run continues on any machine.
 """
 from __future__ import annotations
 
 import json
-import sys
 import os
+import shutil
+import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -26,14 +33,15 @@ from arches.errors import ReslabError, first_line
 
 from . import tracking
 from .callbacks import EpochBar, EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
-from .checkpoint import LAST, EpochCheckpoint, checkpoint_dir, read_checkpoint, spec_of
+from .checkpoint import LAST, EpochCheckpoint, checkpoint_dir, fetch_checkpoint, read_checkpoint, spec_of
 from .data import ReslabData
 from .module import EpochSummary, ReslabModule
 from .quiet import quiet
 from .record import RUN_ID_ENV, RunRecord, RunResult
 from .stores import disk_problem
 
-LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_ID_ENV)
+CHECKPOINT_ENV = "RESLAB_CHECKPOINT"   # the checkpoint a resumed run starts from, for the DDP processes it launches
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_ID_ENV, CHECKPOINT_ENV)
 
 
 # ---- settings derived from the spec ---------------------------------------------------------------------
@@ -63,6 +71,7 @@ def trainer_settings(spec: Spec) -> dict[str, Any]:
         max_steps=t.max_steps if t.max_steps is not None else -1,
         limit_train_batches=t.limit_batches if t.limit_batches is not None else 1.0,
         check_val_every_n_epoch=t.val_every, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False,          # reslab's EpochCheckpoint keeps last.ckpt; no second copy in output_dir
         enable_model_summary=False, use_distributed_sampler=False, benchmark=cuda if cuda else None,
         log_every_n_steps=50,
     )
@@ -87,16 +96,34 @@ def build_trainer(spec: Spec, output_dir: Union[str, Path], progress: Optional[b
         raise ReslabError(f"cannot train with accelerator={spec.train.accelerator}, devices={spec.train.devices}, "
                           f"precision={spec.train.precision}, strategy={spec.train.strategy}: {first}",
                           path="train") from None
+    _check_launched(trainer, spec)
     return trainer, (summary, guard, ckpt)
 
 
+def _check_launched(trainer: pl.Trainer, spec: Spec) -> None:
+    """Several nodes need a launcher on every node (torchrun, srun, or MASTER_ADDR/MASTER_PORT/NODE_RANK set by
+    hand); without one, node 0 would wait for the others until DDP's timeout (half an hour): one line instead."""
+    from lightning_fabric.plugins.environments import LightningEnvironment
+
+    if spec.train.num_nodes == 1 or not isinstance(getattr(trainer.strategy, "cluster_environment", None),
+                                                   LightningEnvironment):
+        return                                   # (torchrun, SLURM, LSF, Kubeflow: their own environment)
+    if not {"MASTER_ADDR", "NODE_RANK"} & set(os.environ):
+        n = spec.train.num_nodes
+        raise ReslabError(f"{n} nodes, but no launcher started this process: run the same command on each node "
+                          f"under torchrun (--nnodes {n} --node-rank R --master-addr HOST --master-port PORT) or "
+                          f"srun, or with MASTER_ADDR, MASTER_PORT and NODE_RANK set", path="train.num_nodes")
+
+
 @contextmanager
-def _launcher_env(run_id: str) -> Iterator[None]:
-    """Give DDP processes started by Lightning the run id; undo the variables its launcher sets, so that a later
-    run in this process starts its own processes again."""
+def _launcher_env(run_id: str, checkpoint: Optional[Path] = None) -> Iterator[None]:
+    """Give DDP processes started by Lightning the run id (and the checkpoint it resumes from); undo the variables
+    its launcher sets, so that a later run in this process starts its own processes again."""
     before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     if run_id:
         os.environ[RUN_ID_ENV] = run_id
+    if checkpoint is not None:
+        os.environ[CHECKPOINT_ENV] = str(checkpoint)
     try:
         yield
     finally:
@@ -119,13 +146,39 @@ def _threads(count: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def resume_checkpoint(run_id: str, output_dir: Union[str, Path]) -> Path:
-    """<output_dir>/checkpoints/<run_id>/last.ckpt; one-line ReslabError when the run left none."""
+@contextmanager
+def _work_folder(remote: bool) -> Iterator[Optional[Path]]:
+    """A temporary folder for the checkpoints of a run kept on a tracking server (removed after), else None."""
+    if not remote:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="reslab-run-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def resume_checkpoint(run_id: str, output_dir: Union[str, Path], tracking_uri: Optional[str] = None,
+                      folder: Optional[Path] = None) -> Path:
+    """The checkpoint to resume run `run_id` from: the one the launching process named (a DDP process of a resumed
+    run), <output_dir>/checkpoints/<run_id>/last.ckpt, or, on a tracking server, the run's artifact
+    checkpoints/last.ckpt downloaded into `folder`. One-line ReslabError when the run left none."""
+    named = os.environ.get(CHECKPOINT_ENV)
+    if named and os.environ.get(RUN_ID_ENV) == run_id and Path(named).is_file():
+        return Path(named)
     path = checkpoint_dir(output_dir, run_id) / LAST
-    if not path.exists():
-        raise ReslabError(f"no checkpoint to resume run {run_id} from: {path} does not exist (same --output-dir "
-                          f"as the original run?)", file="--resume")
-    return path
+    if path.exists():
+        return path
+    if tracking_uri and tracking.remote_artifacts(tracking_uri):
+        client = tracking.client_for(tracking_uri, output_dir)
+        fetched = fetch_checkpoint(client, run_id, (folder or Path(tempfile.mkdtemp(prefix="reslab-"))) / "resume")
+        if fetched is not None:
+            return fetched
+        raise ReslabError(f"no checkpoint to resume run {run_id} from: neither {path} nor the artifact "
+                          f"checkpoints/last.ckpt of the run in {tracking_uri} exists", file="--resume")
+    raise ReslabError(f"no checkpoint to resume run {run_id} from: {path} does not exist (same --output-dir "
+                      f"as the original run?)", file="--resume")
 
 
 def _resumed_spec(spec: Optional[Spec], checkpoint: Optional[Path], run_id: Optional[str]) -> Spec:
@@ -154,44 +207,50 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
     module to train on instead of the spec's data set; `params`: more MLflow params (a study's arm and seed);
     `register`: register the run's MLflow model under this name (a new version)."""
     output_dir = Path(output_dir).expanduser().resolve()
-    checkpoint = resume_checkpoint(resume, output_dir) if resume else None
-    spec = _resumed_spec(spec, checkpoint, resume)
     uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
-    plan = plan_network(spec)                      # once: the module and the complexity share it
-    cost = cost or complexity(spec, plan=plan)
+    with _work_folder(tracking.remote_artifacts(uri)) as work:     # (a run on a tracking server: its checkpoints)
+        checkpoint = resume_checkpoint(resume, output_dir, uri, work) if resume else None
+        spec = _resumed_spec(spec, checkpoint, resume)
+        plan = plan_network(spec)                      # once: the module and the complexity share it
+        cost = cost or complexity(spec, plan=plan)
 
-    with quiet(), _threads(spec.train.threads):
-        pl.seed_everything(spec.train.seed, workers=True, verbose=False)
-        data = data or ReslabData(spec)
-        data.prepare_data()
-        if hasattr(data, "check"):
-            data.check()                          # missing or corrupt data: one line, before any run is created
-        module = ReslabModule(spec, plan)
-        module.channels_last = uses_cuda(spec) if spec.train.channels_last is None else bool(spec.train.channels_last)
-        trainer, (summary, guard, ckpt) = build_trainer(spec, output_dir, progress, callbacks)
-        record = RunRecord(uri, spec, cost, output_dir=output_dir, rank=trainer.global_rank, experiment=experiment,
-                           run_name=run_name, parent_run_id=parent_run_id, tags=tags, resume=resume,
-                           params=params, register=register)
-        try:
-            with record, _launcher_env(record.run_id), guard.watching():
-                if record.recorder is not None:
-                    trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, record.recorder)
-                ckpt.path = checkpoint_dir(output_dir, record.run_id or "rank-unknown") / LAST
-                record.follow(module, final=ckpt.path, data=data)
-                with guard.as_interrupted(record.run_id, trainer.global_rank):
-                    guard.fit(trainer, module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
-                    trainer.test(module, datamodule=data, verbose=False)
-        except Exception as e:
-            problem = disk_problem(e)        # a full or read-only disk: the run was ended FAILED above, if it could be
-            if problem is None:
-                raise
-            marked = "marked FAILED" if record.ended else "could not be marked FAILED (its store failed too)"
-            raise ReslabError(f"{problem}; run {record.run_id} {marked}; its last complete checkpoint is kept",
-                              file=str(output_dir)) from None
-        finally:
-            if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-    return record.result
+        with quiet(), _threads(spec.train.threads):
+            pl.seed_everything(spec.train.seed, workers=True, verbose=False)
+            data = data or ReslabData(spec)
+            data.prepare_data()
+            if hasattr(data, "check"):
+                data.check()                      # missing or corrupt data: one line, before any run is created
+            module = ReslabModule(spec, plan)
+            last = spec.train.channels_last
+            module.channels_last = uses_cuda(spec) if last is None else bool(last)
+            trainer, (summary, guard, ckpt) = build_trainer(spec, output_dir, progress, callbacks)
+            record = RunRecord(uri, spec, cost, output_dir=output_dir, rank=trainer.global_rank,
+                               experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
+                               resume=resume, params=params, register=register)
+            try:
+                with record, _launcher_env(record.run_id, checkpoint), guard.watching():
+                    if record.recorder is not None:
+                        trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, record.recorder)
+                    ckpt.path = (work or checkpoint_dir(output_dir, record.run_id or "rank-unknown")) / LAST
+                    if work is not None and record.client is not None:
+                        ckpt.keep = record.keep_checkpoint         # uploaded every epoch: any machine resumes it
+                    record.follow(module, final=ckpt.path, data=data)
+                    with guard.as_interrupted(record.run_id, trainer.global_rank):
+                        guard.fit(trainer, module, datamodule=data,
+                                  ckpt_path=str(checkpoint) if checkpoint else None)
+                        trainer.test(module, datamodule=data, verbose=False)
+            except Exception as e:
+                problem = disk_problem(e)   # a full or read-only disk: the run was ended FAILED above, if it could be
+                if problem is None:
+                    raise
+                marked = "marked FAILED" if record.ended else "could not be marked FAILED (its store failed too)"
+                raise ReslabError(f"{problem}; run {record.run_id} {marked}; its last complete checkpoint is kept",
+                                  file=str(output_dir)) from None
+            finally:
+                if trainer.world_size > 1 and torch.distributed.is_available() and \
+                        torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
+        return record.result
 
 
 def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
@@ -208,7 +267,10 @@ def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
                      "   (mlflow.pytorch.load_model; export: python cli.py export RUN_ID --format torch.export)")
     elif result.model_error:
         lines.append(f"no MLflow model: {result.model_error}")
-    lines.append(f"see it: mlflow ui --backend-store-uri {tracking_uri}   (or: python cli.py ui)")
+    if tracking.remote_artifacts(tracking_uri):
+        lines.append(f"see it: {tracking_uri.rstrip('/')}/#/experiments   (the tracking server's UI)")
+    else:
+        lines.append(f"see it: mlflow ui --backend-store-uri {tracking_uri}   (or: python cli.py ui)")
     return lines
 
 

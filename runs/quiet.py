@@ -1,11 +1,13 @@
 """Library chatter off while reslab works, restored afterwards: Lightning's banners ("GPU available..."), MLflow's
-and alembic's store messages, Optuna's per-trial info lines, and the advisory warnings of those libraries.
+and alembic's store messages, the run links and download progress bars MLflow prints for a tracking server, Optuna's
+per-trial info lines, and the advisory warnings of those libraries.
 
 Nothing is changed at import time: `train`, `run_study` and the CLI enter `quiet()` around their work.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -14,6 +16,8 @@ from typing import Iterator
 LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "alembic",
            "mlflow.store.db.utils", "mlflow.tracking", "mlflow.system_metrics", "optuna")
 WARNING_MODULES = (r"(pytorch_)?lightning.*", r"torch.*", r"optuna.*", r"mlflow.*")
+ENVIRONMENT = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",   # "🏃 View run ... at: http://..." per run
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}    # a tqdm bar per artifact downloaded
 
 
 @contextmanager
@@ -25,6 +29,8 @@ def quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.level, logging.WARNING))
+    environment = {k: os.environ.get(k) for k in ENVIRONMENT}
+    os.environ.update({k: v for k, v in ENVIRONMENT.items() if environment[k] is None})   # (a user's own setting wins)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=WARNING_MODULES[0])
         for module in WARNING_MODULES[1:]:
@@ -34,3 +40,6 @@ def quiet() -> Iterator[None]:
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
+            for k, v in environment.items():
+                if v is None:
+                    os.environ.pop(k, None)

@@ -5,9 +5,10 @@ that the way out maps to (ENDINGS), its curves and final checkpoint kept as arti
         ...train, using record.run_id and record.recorder...
     result = record.result           # RunResult, read back from what MLflow holds
 
-A finished run also gets its MLflow model (runs.tracking.log_model: `runs:/<run id>/model`, registered when
-asked); a failure to log it is noted in the tag `model_error` and never fails the run. Only global rank 0 writes;
-on other ranks the record is a name (run id) and builds its result from the module.
+On a tracking server the checkpoint written every epoch is also kept among the run's artifacts (`keep_checkpoint`),
+so that any machine can resume the run. A finished run also gets its MLflow model (runs.tracking.log_model:
+`runs:/<run id>/model`, registered when asked); a failure to log it is noted in the tag `model_error` and never fails
+the run. Only global rank 0 writes; on other ranks the record is a name (run id) and builds its result from the module.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class RunResult:
     status: str                                   # 'FINISHED' | 'FAILED'
     metrics: dict[str, float]                     # final: last epoch's row and the test metrics
     history: list[dict] = field(default_factory=list)  # one row per epoch (epoch numbers start at 1)
-    checkpoint: Optional[str] = None              # path of the final checkpoint
+    checkpoint: Optional[str] = None              # path of the final checkpoint (on a tracking server: artifact URI)
     reason: Optional[str] = None                  # why it failed
     rank: int = 0                                 # global rank of the process that returns it
     model_uri: Optional[str] = None               # runs:/<run id>/model when the MLflow model was logged
@@ -101,6 +102,8 @@ class RunRecord:
         self._data: Any = None
         self._final: Optional[Path] = None
         self._model: dict[str, Any] = {}
+        self._kept: Optional[tuple] = None  # (file, mtime, size) of the checkpoint last uploaded by keep_checkpoint
+        self._artifact_uri: Optional[str] = None
 
     # ---- opening ---------------------------------------------------------------------------------------
     def __enter__(self) -> "RunRecord":
@@ -122,6 +125,25 @@ class RunRecord:
         """Where the result comes from: the module's history, test results and network, the final checkpoint's
         path, and the data module (the model's input example)."""
         self._module, self._final, self._data = module, final, data
+
+    def keep_checkpoint(self, path: Path) -> Optional[str]:
+        """Upload the checkpoint just written to the run's artifacts (checkpoints/last.ckpt), where any machine finds
+        it to resume the run; returns its artifact URI. A failed upload is a note: training goes on, and a resume
+        starts from the checkpoint uploaded before."""
+        try:
+            tracking.log_checkpoint(self.client, self.run_id, path)
+        except Exception as e:  # noqa: BLE001
+            print(f"note: could not upload run {self.run_id}'s checkpoint to {self.uri}: {first_line(e)}",
+                  file=sys.stderr)
+            return None
+        self._kept = _stamp(path)
+        return self._artifact(path)
+
+    def _artifact(self, path: Path) -> str:
+        """The artifact URI of a checkpoint kept among the run's artifacts."""
+        if self._artifact_uri is None:
+            self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
+        return f"{self._artifact_uri}/checkpoints/{path.name}"
 
     def _create(self) -> str:
         """Create the run and record what identifies it: params, tags, spec, model table."""
@@ -212,8 +234,11 @@ class RunRecord:
                       file=sys.stderr)
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
         metrics.update(test)
+        where = None
+        if final is not None:
+            where = self._artifact(final) if self._kept is not None and self.client is not None else str(final)
         self.result = RunResult(run_id=self.run_id, status="FINISHED" if ending is FINISHED else "FAILED",
-                                metrics=metrics, history=history, checkpoint=str(final) if final else None,
+                                metrics=metrics, history=history, checkpoint=where,
                                 reason=why if ending.returns else None, rank=self.rank,
                                 model_uri=self._model.get("model_uri"), model_version=self._model.get("version"),
                                 model_error=self._model.get("error"))
@@ -226,8 +251,8 @@ class RunRecord:
                 png = error_curves({self.spec.name: history}, Path(tmp) / "curves.png",
                                    title=f"{self.spec.name} ({self.run_id[:8]})")
                 self.client.log_artifact(self.run_id, str(png))
-        if checkpoint is not None:
-            self.client.log_artifact(self.run_id, str(checkpoint), "checkpoints")
+        if checkpoint is not None and _stamp(checkpoint) != self._kept:     # (not uploaded already, as it is)
+            tracking.log_checkpoint(self.client, self.run_id, checkpoint)
 
     def _log_model(self, step: int) -> None:
         """The trained network as the run's MLflow model, the resolved spec beside it (a failure is noted)."""
@@ -247,6 +272,12 @@ class RunRecord:
         except Exception as e:  # noqa: BLE001  (the run's record stays whole without its model)
             self._model = {"error": f"{type(e).__name__}: {first_line(e)}"}
             tracking.set_tags(self.client, self.run_id, {MODEL_ERROR_TAG: self._model["error"]})
+
+
+def _stamp(path: Path) -> tuple:
+    """What tells one write of a file from another: its path, modification time and size."""
+    st = path.stat()
+    return str(path), st.st_mtime_ns, st.st_size
 
 
 def owner_tags() -> dict[str, str]:

@@ -7,7 +7,8 @@ storage both create their tables on first use.
 - A SQLite store that a killed process left half-made anyway (by an older reslab) is moved aside and made anew
   when it holds nothing; when it holds records, one line says so and how to repair it.
 - A database server's store is opened under an advisory lock (PostgreSQL, MySQL), so machines starting together on
-  a new database do not collide in its catalog.
+  a new database do not collide in its catalog; a URL whose database driver is not installed is one line naming the
+  package to install, before anything is opened.
 """
 from __future__ import annotations
 
@@ -119,6 +120,34 @@ def disk_problem(exc: BaseException) -> str | None:
 
 def dialect_of(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+# the package that provides each SQLAlchemy driver (module name -> pip name)
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pg8000": "pg8000",
+                   "asyncpg": "asyncpg", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL",
+                   "mysql": "mysql-connector-python"}
+
+
+def check_driver(url: str, what: str, flag: str) -> None:
+    """One-line ReslabError when the database URL names a dialect or driver that cannot be loaded here (nothing is
+    connected or created). SQLite and non-database URLs (http://) pass."""
+    if "://" not in url or dialect_of(url) in ("sqlite", "http", "https", "file"):
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    scheme = url.split("://", 1)[0]
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except ImportError as e:
+        module = getattr(e, "name", None) or first_line(e)
+        package = "psycopg2-binary" if "+" not in scheme and module == "psycopg" else \
+            DRIVER_PACKAGES.get(module.split(".")[0], module)
+        raise ReslabError(f"{what} {scheme}://...: its database driver '{module}' is not installed (pip install "
+                          f"{package})", file=flag) from None
+    except (NoSuchModuleError, ArgumentError) as e:
+        raise ReslabError(f"{what} {scheme}://...: {first_line(e)} (e.g. postgresql+psycopg2://user@host/db)",
+                          file=flag) from None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """reslab's one gateway to MLflow: stores, experiments, runs, params, tags, metrics, artifacts, and the names
 and limits they follow. Runs, studies (search.recording) and diagnostics (diagnose.record) all write here.
 
-Default store: `sqlite:///<abs output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`. Only global
+Default store: `sqlite:///<abs output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`. With a tracking
+server (`http://host:port`, `mlflow server --serve-artifacts`) the server's artifact store holds every artifact,
+checkpoints included, so that any machine (and the UI) reads them: nothing goes into a local folder. Only global
 rank 0 talks to MLflow. Per-epoch metrics are logged with step = epoch number (1 = after the first epoch).
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -29,7 +32,7 @@ from arches.errors import ReslabError, first_line
 from arches.spec import flatten
 
 from .quiet import quiet
-from .stores import open_sqlite, schema_lock, sqlite_path, writable_folder
+from .stores import check_driver, open_sqlite, schema_lock, sqlite_path, writable_folder
 
 MAX_KEY = 250                  # MLflow limits: param/metric key length,
 MAX_PARAM_VALUE = 6000         # param value length,
@@ -48,16 +51,24 @@ MetricKey = Union[str, Sequence[str]]
 
 
 # ---- stores and experiments -----------------------------------------------------------------------------
-def default_tracking_uri(output_dir: str | Path = "outputs") -> str:
-    """sqlite:///<abs output_dir>/mlflow.db (the folder is created; one-line error when it cannot be)."""
+def default_tracking_uri(output_dir: str | Path = "outputs", create: bool = True) -> str:
+    """sqlite:///<abs output_dir>/mlflow.db (the folder is created unless `create` is false: then the store's first
+    opening makes it; one-line error when it cannot be)."""
     out = Path(output_dir).expanduser().resolve()
-    writable_folder(out, "--output-dir")
+    if create:
+        writable_folder(out, "--output-dir")
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
 def artifact_root(output_dir: str | Path = "outputs") -> str:
     """file:// URI of <abs output_dir>/mlartifacts, where experiments created here keep their artifacts."""
     return (Path(output_dir).expanduser().resolve() / "mlartifacts").as_uri()
+
+
+def remote_artifacts(uri: str) -> bool:
+    """Whether the tracking URI is a tracking server (http/https), whose own artifact store keeps the runs' artifacts
+    (experiments are made without a local artifact location, checkpoints are uploaded every epoch)."""
+    return uri.split("://", 1)[0].lower() in ("http", "https")
 
 
 def with_driver(url: str) -> str:
@@ -116,6 +127,7 @@ def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") 
     if "://" not in uri:
         raise ReslabError(f"tracking URI '{uri}' has no scheme; use sqlite:///path/mlflow.db, "
                           f"postgresql://..., or http://host:port", file="--tracking-uri")
+    check_driver(uri, "MLflow store", "--tracking-uri")
     path = sqlite_path(uri)
     if path is not None:
         return open_sqlite(path, _open_client, "MLflow store", flag,
@@ -141,18 +153,25 @@ def experiment_name(spec: Spec) -> str:
 
 def ensure_experiment(client: MlflowClient, name: str, output_dir: str | Path = "outputs",
                       description: Optional[str] = None) -> str:
-    """Id of the experiment `name`, created (artifacts under output_dir/mlartifacts) if missing; `description`
-    becomes its description in MLflow's UI (the tag mlflow.note.content) unless it has one."""
+    """Id of the experiment `name`, created if missing (artifacts under output_dir/mlartifacts; on a tracking
+    server, where the server keeps them); `description` becomes its description in MLflow's UI (the tag
+    mlflow.note.content) unless it has one."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
         experiment_id = found.experiment_id
         has_note = bool(found.tags.get(NOTE_TAG))
+        location = found.artifact_location or ""
+        if remote_artifacts(client.tracking_uri) and urlparse(location).scheme in ("", "file"):
+            print(f"note: experiment '{name}' keeps its artifacts in {location}, a folder of the machine that made "
+                  f"it, not in the tracking server's artifact store: other machines cannot read them (use a new "
+                  f"experiment or study name)", file=sys.stderr)
     else:
         has_note = False
         try:
-            experiment_id = client.create_experiment(name, artifact_location=artifact_root(output_dir))
+            location = None if remote_artifacts(client.tracking_uri) else artifact_root(output_dir)
+            experiment_id = client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created meanwhile by another process
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -230,6 +249,12 @@ def log_files(client: MlflowClient, run_id: str, files: Iterable[Path], folder: 
     for f in files:
         if Path(f).is_file():
             client.log_artifact(run_id, str(f), artifact_path=folder)
+
+
+def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
+    """A checkpoint file as the run's artifact checkpoints/<its name>, replacing the one before whole (MLflow's
+    artifact server writes an upload under a temporary name and renames it into place)."""
+    client.log_artifact(run_id, str(path), artifact_path="checkpoints")
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, tags: Optional[dict[str, Any]] = None) -> None:

@@ -33,10 +33,16 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="ablation or search YAML file")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the base spec for every trial (applied after the file's `set:`)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU; CPU cores are split)")
-    p.add_argument("--storage", help="Optuna storage URL shared by workers and machines "
-                                     "(default: sqlite:///OUTPUT_DIR/optuna.db; e.g. postgresql://user@host/db)")
-    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///OUTPUT_DIR/mlflow.db)")
+    p.add_argument("--workers", type=int, help="worker processes, each running one trial at a time (default: 1; "
+                                               "with GPUs and --devices-per-trial K: GPUs / K)")
+    p.add_argument("--devices-per-trial", type=int, metavar="K",
+                   help="devices of every trial: K GPUs (or K CPU processes) trained with Lightning DDP; each worker "
+                        "gets its own K GPUs (default: the file's devices_per_trial, else 1; fixed when the study "
+                        "is made)")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers and machines (default: $RESLAB_STORAGE, "
+                                     "else sqlite:///OUTPUT_DIR/optuna.db; e.g. postgresql://user@host/db)")
+    p.add_argument("--tracking-uri", help="MLflow store: a tracking server http://host:port for several machines "
+                                          "(default: $MLFLOW_TRACKING_URI, else sqlite:///OUTPUT_DIR/mlflow.db)")
     p.add_argument("--output-dir", default="outputs", help="local stores, checkpoints (default: outputs)")
     p.add_argument("--study", help="study name (default: the file's `name:` or file name)")
     p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
@@ -50,4 +56,4 @@ def options_from_args(args: argparse.Namespace, kind: str):
 
     return StudyOptions(file=args.file, overrides=list(args.overrides), study=args.study, storage=args.storage,
                         tracking_uri=args.tracking_uri, output_dir=args.output_dir, workers=args.workers,
-                        heartbeat=args.heartbeat, progress=False if args.workers > 1 else None, kind=kind)
+                        devices_per_trial=args.devices_per_trial, heartbeat=args.heartbeat, kind=kind)

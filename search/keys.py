@@ -12,6 +12,7 @@ KIND = "reslab.kind"                    # ablation | search
 TEXT = "reslab.file_text"               # the study file as written
 BASE_TEXT = "reslab.base_text"          # its base spec as written
 TRIAL_THREADS = "reslab.trial_threads"  # CPU threads every trial runs with (fixed when the study is made)
+TRIAL_DEVICES = "reslab.trial_devices"  # GPUs (CPU processes) every trial trains on with DDP (fixed likewise)
 
 # ---- Optuna trial attributes (search.trials.TrialRecord reads and writes them) ----
 OUTCOME = "reslab.outcome"              # one of OUTCOMES
@@ -39,5 +40,6 @@ STUDY_TAG = "reslab.study"              # on the parent and every child
 ROLE_TAG = "reslab.role"                # study | trial
 KIND_TAG = "reslab.kind"                # on the parent: ablation | search
 TRIAL_TAG = "reslab.trial"              # on children: the Optuna trial number
+ATTEMPTS_TAG = "reslab.attempts"        # on a child resumed by a retry: its attempts' trial numbers, "3, 7"
 TRIALS_TAG = "reslab.trials"            # on the parent: trial counts by state ("4 complete, 1 fail")
 # (a child's state and failure reason use the tags every run has: runs.tracking.STATE_TAG, FAILURE_TAG)

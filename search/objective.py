@@ -3,13 +3,25 @@ runs.fit.train), its cost figures, and its outcome for Optuna.
 
 Outcomes: complete | pruned | diverged (a NaN loss: a result, FAIL in Optuna) | invalid (sampled values give no
 valid network) | error (an exception; retried) | interrupted (Ctrl-C/SIGTERM; retried, resuming its checkpoint).
-A trial whose worker died has no outcome at all: the heartbeat marks it FAIL and it is retried.
+A trial whose worker died has no outcome at all: the heartbeat marks it FAIL and it is retried, from the checkpoint
+its run left (here, or among the run's artifacts on a tracking server: then on any machine), in the same MLflow run.
+
+A trial of several devices trains with Lightning DDP. Its worker is rank 0: it alone asks Optuna (the pruner) and
+writes to MLflow. Lightning starts the worker's command again for the other ranks; they find the trial in their
+environment (FOLLOW_ENV) and follow it (follow_trial): same spec, same checkpoint, and the pruner's decision
+broadcast from rank 0. A rank that dies takes its trial's worker with it (Lightning's launcher ends every process of
+a job whose process failed): the trial is retried like any trial whose worker died.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import signal
 import statistics
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +31,20 @@ import optuna
 import pytorch_lightning as pl
 import torch
 
-from arches import Complexity, Spec, build_model, complexity
+from arches import Complexity, Spec, build_model, complexity, spec_from_dict
 from arches.errors import ReslabError, SpecError, first_line
 from runs import tracking
-from runs.checkpoint import LAST, checkpoint_dir
-from runs.fit import Interrupted, Pruned, train, uses_cuda
+from runs.checkpoint import resumable
+from runs.fit import CHECKPOINT_ENV, Interrupted, Pruned, train, uses_cuda
+from runs.quiet import quiet
+from runs.record import RUN_ID_ENV
 
 from . import keys, recording
 from .space import StudyPlan
 from .trials import TrialRecord
 
 LATENCY_REPEATS = 20
+FOLLOW_ENV = "RESLAB_FOLLOW_TRIAL"   # the trial a worker trains on several devices, for the DDP ranks it starts
 
 
 @dataclass
@@ -45,6 +60,7 @@ class TrialContext:
     worker: int = 0
     client: Any = None
     threads: Optional[int] = None          # CPU threads of every trial (the study's), unless the spec says
+    devices: int = 1                       # devices of every trial (the study's): DDP over them when above 1
 
 
 @dataclass
@@ -58,22 +74,33 @@ class Outcome:
 
 
 class PruningCallback(pl.Callback):
-    """Reports the per-epoch validation metric to Optuna; raises runs.fit.Pruned when the pruner says so."""
+    """Reports the per-epoch validation metric to Optuna; raises runs.fit.Pruned when the pruner says so.
 
-    def __init__(self, trial: optuna.Trial, metric: str):
+    Under DDP only rank 0 has the trial (`trial` is None on the other ranks): it reports and asks the pruner, then
+    broadcasts the decision, so that every rank stops at the same epoch. (Optuna's own Lightning callback stops rank 0
+    alone, and the others wait for it at their next collective.)"""
+
+    def __init__(self, trial: Optional[optuna.Trial], metric: str):
         self.trial, self.metric = trial, metric
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reason = self._ask(pl_module) if trainer.is_global_zero and self.trial is not None else None
+        if trainer.world_size > 1:
+            reason = trainer.strategy.broadcast(reason, src=0)
+        if reason:
+            raise Pruned(reason)
+
+    def _ask(self, pl_module: pl.LightningModule) -> Optional[str]:
+        """Report this epoch's value; why to prune (None: go on)."""
         history = getattr(pl_module, "history", None)
         if not history or self.metric not in history[-1]:
-            return
+            return None
         row = history[-1]
         value, epoch = float(row[self.metric]), int(row["epoch"])
         if not math.isfinite(value):
-            return
+            return None
         self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
-            raise Pruned(f"epoch {epoch}: {self.metric} {value:.4f}")
+        return f"epoch {epoch}: {self.metric} {value:.4f}" if self.trial.should_prune() else None
 
 
 def measure_latency(spec: Spec, batch: int = 1, repeats: int = LATENCY_REPEATS) -> float:
@@ -123,28 +150,97 @@ def ablation_cell(trial: optuna.Trial, plan: StudyPlan) -> tuple[str, int]:
             trial.suggest_categorical("seed", plan.seeds))
 
 
-def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[str]:
-    """The MLflow run of the attempt this trial retries, when it left a checkpoint here to resume from."""
+def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
+    """The MLflow run of the attempt this trial retries, when it left a checkpoint to resume from: in this output
+    folder, or among its artifacts on a tracking server (so any machine continues it)."""
     before = TrialRecord.of(trial).retry_of
     if before is None:
         return None
     runs = recording.trial_runs(ctx.client, ctx.experiment_id, ctx.parent_run_id).get(int(before), [])
     for run in runs:
         if run.info.status in ("RUNNING", "KILLED") and run.data.tags.get(tracking.STATE_TAG) != "PRUNED":
-            if (checkpoint_dir(ctx.output_dir, run.info.run_id) / LAST).exists():
-                return run.info.run_id
+            if resumable(ctx.client, run, ctx.output_dir):
+                return run
             if run.info.status == "RUNNING":    # its worker died before any checkpoint: close it
                 recording.mark_child(ctx.client, run.info.run_id, "FAILED", reason="worker died; retried as trial "
                                      f"{trial.number}", status="FAILED")
     return None
 
 
+@contextlib.contextmanager
+def leading(ctx: TrialContext, trial: optuna.Trial, spec: Spec, prune: Optional[str]):
+    """While rank 0 trains a trial of several devices: the trial in the environment of the ranks Lightning starts."""
+    before = os.environ.get(FOLLOW_ENV)
+    os.environ[FOLLOW_ENV] = json.dumps({
+        "spec": spec.model_dump(mode="json"), "tracking_uri": ctx.tracking_uri, "output_dir": str(ctx.output_dir),
+        "prune": prune, "label": f"[worker {ctx.worker}] trial {trial.number}", "leader": os.getpid()})
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FOLLOW_ENV, None)
+        else:
+            os.environ[FOLLOW_ENV] = before
+
+
+def _end_with(leader: int) -> None:
+    """End this process when the worker that started it (rank 0) ends: a rank left behind would wait for the dead
+    rank 0 until DDP's timeout, half an hour. Linux's parent-death signal, else a thread watching the parent."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) != 0:      # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == leader:
+                time.sleep(1)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="leader-watch").start()
+    if os.getppid() != leader:                        # it ended before the signal was asked for
+        os._exit(1)
+
+
+def following() -> Optional[dict]:
+    """The trial this process follows when Lightning started it as a DDP rank > 0 of a worker's trial, else None."""
+    text = os.environ.get(FOLLOW_ENV)
+    if not text or os.environ.get("LOCAL_RANK", "0") == "0":
+        return None
+    return json.loads(text)
+
+
+def follow_trial(trial: dict) -> int:
+    """Train the trial as a DDP rank > 0: the same spec (and the checkpoint rank 0 resumes from), the pruner's
+    decision from rank 0; nothing is written to Optuna or MLflow. Exit code 0 whenever the trial ended as rank 0
+    decided (finished, pruned, diverged, interrupted): a rank that exits otherwise ends its trial's job."""
+    _end_with(int(trial["leader"]))
+    rank = os.environ.get("LOCAL_RANK")
+    print(f"{trial['label']}: rank {rank} pid {os.getpid()}", flush=True)
+    callbacks = [PruningCallback(None, trial["prune"])] if trial["prune"] else []
+    resume = os.environ.get(RUN_ID_ENV) if os.environ.get(CHECKPOINT_ENV) else None
+    try:
+        with quiet():
+            spec = spec_from_dict(trial["spec"])
+            train(spec, tracking_uri=trial["tracking_uri"], callbacks=callbacks, resume=resume,
+                  output_dir=trial["output_dir"], progress=False)
+    except (Pruned, Interrupted, KeyboardInterrupt):
+        return 0                               # rank 0 records how the trial ended
+    except Exception as e:  # noqa: BLE001  (one line: rank 0, or the launcher, ends the trial)
+        print(f"{trial['label']}: rank {rank} failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr,
+              flush=True)
+        return 1
+    return 0
+
+
 def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     """Build, train and judge one trial. Raises ReslabError (bad data, store) and KeyboardInterrupt only."""
     plan = ctx.plan
+    devices = ctx.devices if ctx.devices > 1 else None
     if plan.kind == "ablation":
         arm, seed = ablation_cell(trial, plan)
-        spec = plan.arm_spec(arm, seed, threads=ctx.threads)
+        spec = plan.arm_spec(arm, seed, threads=ctx.threads, devices=devices)
         values: dict[str, Any] = {"arm": arm, "seed": seed, **plan.arm(arm).labels}
         if plan.arm(arm).width_multiplier is not None:
             values["width_multiplier"] = plan.arm(arm).width_multiplier
@@ -155,7 +251,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     else:
         values = sample(trial, plan)
         try:
-            spec = plan.search_spec(values, threads=ctx.threads)
+            spec = plan.search_spec(values, threads=ctx.threads, devices=devices)
         except SpecError as e:
             return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
         run_name = f"trial {trial.number}"
@@ -165,20 +261,27 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     complexity_ = complexity(spec)                       # once: the costs and the run's records share it
     cost = costs(spec, latency=any(m.name == "latency_ms" for m in plan.metrics), cost=complexity_)
     device = torch.cuda.get_device_name() if uses_cuda(spec) else "cpu"
+    device = f"{ctx.devices} x {device}" if ctx.devices > 1 else device
     TrialRecord.put(trial, cost=cost, width_multiplier=spec.width_multiplier, threads=spec.train.threads,
                     device=device)
     callbacks = []
+    prune = None
     if plan.kind == "search" and plan.pruner is not None and plan.pruner.type != "none":
-        callbacks.append(PruningCallback(trial, plan.pruner.metric))
+        prune = plan.pruner.metric
+        callbacks.append(PruningCallback(trial, prune))
 
-    resume = _previous_run(ctx, trial)
-    if resume:
-        ctx.client.set_tag(resume, keys.TRIAL_TAG, str(trial.number))
+    previous = _previous_run(ctx, trial)
+    resume = previous.info.run_id if previous is not None else None
+    if previous is not None:         # one MLflow run for the cell, its attempts named
+        attempts = previous.data.tags.get(keys.ATTEMPTS_TAG) or previous.data.tags.get(keys.TRIAL_TAG, "?")
+        tracking.set_tags(ctx.client, resume, {keys.TRIAL_TAG: trial.number,
+                                               keys.ATTEMPTS_TAG: f"{attempts}, {trial.number}"})
     try:
-        result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
-                       run_name=run_name, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=callbacks,
-                       resume=resume, output_dir=ctx.output_dir, progress=ctx.progress, cost=complexity_,
-                       params=params)
+        with leading(ctx, trial, spec, prune) if ctx.devices > 1 else contextlib.nullcontext():
+            result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
+                           run_name=run_name, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=callbacks,
+                           resume=resume, output_dir=ctx.output_dir, progress=ctx.progress, cost=complexity_,
+                           params=params)
     except Pruned as e:
         run_id = _run_of(ctx, trial.number)
         if run_id:

@@ -2,6 +2,7 @@
 
     base: ../resnet20.yaml                 # the spec every trial starts from (path relative to this file)
     set: {data.name: fashion-mnist, ...}   # --set-style overrides applied to every trial
+    devices_per_trial: 2                   # each trial trains on 2 GPUs (or 2 CPU processes) with Lightning DDP
     ablation:                              # a grid of arms x seeds ...
       axes: {block.shortcut: [A, B, C]}
       baseline: {block.shortcut: A}
@@ -110,6 +111,7 @@ class StudyFile(Strict):
     name: Optional[str] = None                           # study name (default: this file's name)
     description: str = ""                                # default: the file's header comment
     set: dict[str, Any] = {}                             # dotted key -> value, for every trial
+    devices_per_trial: Optional[int] = Field(None, ge=1, le=4096)  # GPUs (CPU processes) of each trial, DDP; null: 1
     ablation: Optional[AblationSpec] = None
     search: Optional[SearchSpec] = None
 
@@ -192,6 +194,8 @@ class StudyPlan:
     timeout: Optional[float] = None
     importance: str = "ped-anova"
     description: str = ""                                # `description:`, else the file's header comment
+    devices_per_trial: Optional[int] = None              # the file's devices_per_trial (the study's: search.study)
+    devices_line: Optional[int] = None                   # where the file says it
 
     @property
     def objectives(self) -> list[Metric]:
@@ -208,13 +212,15 @@ class StudyPlan:
         """Every (arm, seed) an ablation trains, arms in file order."""
         return [(a.name, s) for a in self.arms for s in self.seeds]
 
-    def arm_spec(self, arm: str, seed: int, threads: Optional[int] = None) -> Spec:
-        """The spec of one ablation cell (`threads`: the study's CPU threads, when the spec gives none)."""
+    def arm_spec(self, arm: str, seed: int, threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
+        """The spec of one ablation cell (`threads`: the study's CPU threads, when the spec gives none; `devices`:
+        the study's devices per trial)."""
         a = self.arm(arm)
         return self.build(a.settings + [Setting("train.seed", seed, "<seed>", None)], a.width_multiplier,
-                          threads)
+                          threads, devices)
 
-    def search_spec(self, values: dict[str, Any], threads: Optional[int] = None) -> Spec:
+    def search_spec(self, values: dict[str, Any], threads: Optional[int] = None,
+                    devices: Optional[int] = None) -> Spec:
         """The spec of one search trial from its sampled values (Optuna params)."""
         settings: list[Setting] = []
         for dim in self.dimensions:
@@ -223,12 +229,13 @@ class StudyPlan:
                 settings += dim.groups[str(value)]
             else:
                 settings.append(Setting(dim.key, value, str(self.file), dim.line))
-        return self.build(settings, threads=threads)
+        return self.build(settings, threads=threads, devices=devices)
 
     def build(self, settings: Iterable[Setting], width_multiplier: Optional[float] = None,
-              threads: Optional[int] = None) -> Spec:
-        """The base document with these settings applied (then a compute-matched width_multiplier, and the
-        study's CPU threads where the spec sets none), validated into a Spec (errors point at the settings)."""
+              threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
+        """The base document with these settings applied (then a compute-matched width_multiplier, the study's
+        CPU threads where the spec sets none, and its devices per trial), validated into a Spec (errors point at
+        the settings)."""
         data = copy.deepcopy(self.document)
         source = copy.deepcopy(self.source)
         match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
@@ -236,6 +243,8 @@ class StudyPlan:
             apply_setting(data, source, s)
         if threads is not None and (data.get("train") or {}).get("threads") is None:
             apply_setting(data, source, Setting("train.threads", threads, "<study>", None))
+        if devices is not None:
+            apply_setting(data, source, Setting("train.devices", devices, "<study>", None))
         return spec_from_dict(data, source)
 
     def fingerprint(self) -> str:
@@ -546,6 +555,7 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     plan = StudyPlan(kind="ablation" if doc.ablation else "search", name=name or doc.name or path.stem, file=path,
                      base=base, text=path.read_text(), document=data, source=source, metrics=[], overrides=cli)
     plan.description = doc.description or header_comment(plan.text)
+    plan.devices_per_trial, plan.devices_line = doc.devices_per_trial, where.line("devices_per_trial")
     if doc.ablation is not None:
         plan.axes, plan.arms, plan.seeds, plan.metrics = _load_ablation(doc.ablation, where)
         plan.max_attempts = doc.ablation.max_attempts

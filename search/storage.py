@@ -21,8 +21,8 @@ from typing import Iterator
 import optuna
 
 from arches.errors import ReslabError, first_line
-from runs.stores import file_lock, open_sqlite, schema_lock, server_lock
-from runs.tracking import with_driver
+from runs.stores import check_driver, file_lock, open_sqlite, schema_lock, server_lock
+from runs.tracking import reachable, with_driver
 
 SQLITE_TIMEOUT_S = 120
 
@@ -48,6 +48,7 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None) -> opt
     if "://" not in url:
         raise ReslabError(f"storage URL '{url}' has no scheme; use sqlite:///path/optuna.db or "
                           f"postgresql://user@host:port/db", file="--storage")
+    check_driver(url, "Optuna storage", "--storage")
     kwargs: dict = {}
     sqlite = url.startswith("sqlite:")
     if sqlite:
@@ -68,14 +69,13 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None) -> opt
             storage = open_sqlite(Path(path).expanduser(), open_rdb, "Optuna storage", "--storage",
                                   {"studies": "1"})
         else:
+            problem = reachable(url)          # (within seconds: a connection attempt alone may take minutes)
+            if problem:
+                raise ReslabError(f"cannot reach Optuna storage {shown(url)}: {problem}", file="--storage")
             with schema_lock(url, "schema"):                         # (study locks are "study/<name>")
                 storage = open_rdb(url)
     except ReslabError:
         raise
-    except ImportError as e:
-        driver = "psycopg2-binary" if url.startswith("postgres") else "the database driver"
-        raise ReslabError(f"cannot open Optuna storage {shown(url)}: {first_line(e) or type(e).__name__} (pip install {driver})",
-                          file="--storage") from None
     except Exception as e:  # noqa: BLE001  (any failure to open is a bad --storage)
         raise ReslabError(f"cannot open Optuna storage {shown(url)}: {first_line(e) or type(e).__name__}", file="--storage") from None
     if sqlite:

@@ -5,6 +5,11 @@ enqueues what is missing (ablation cells and grid points that never ran or whose
 dead search trials) and claims the next trial; then it trains that trial outside the lock with a heartbeat
 thread running. So no ablation cell runs twice, the trial budget holds across workers and machines, and a
 restart loses nothing that finished.
+
+A study fixes, when it is made, the CPU threads and the devices of every trial (`devices_per_trial` K): a trial
+of K devices trains with Lightning DDP over K GPUs (K CPU processes with gloo); its worker is rank 0, the only
+process that talks to Optuna and MLflow, and Lightning starts the other ranks (search.objective.follow_trial).
+With N GPUs, each of the N / K workers gets K GPUs of its own.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from optuna.trial import TrialState
 from arches.errors import ReslabError
 
 from runs import tracking
+from runs.fit import uses_cuda
 from runs.quiet import quiet
 from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
@@ -53,7 +59,8 @@ class StudyOptions:
     storage: Optional[str] = None            # default: sqlite:///<output_dir>/optuna.db
     tracking_uri: Optional[str] = None       # default: sqlite:///<output_dir>/mlflow.db
     output_dir: str = "outputs"
-    workers: int = 1
+    workers: Optional[int] = None            # default: 1; with GPUs and devices_per_trial K > 1: GPUs / K
+    devices_per_trial: Optional[int] = None  # default: the file's, else the study's, else 1
     heartbeat: int = 10                      # seconds between a running trial's heartbeats
     grace: Optional[int] = None              # seconds without heartbeat before a trial counts as dead (3 x)
     progress: Optional[bool] = None
@@ -64,7 +71,7 @@ class StudyOptions:
         out = Path(self.output_dir).expanduser().resolve()
         return StudyOptions(**{**asdict(self), "output_dir": str(out),
                                "storage": with_driver(self.storage or default_storage(out)),
-                               "tracking_uri": with_driver(self.tracking_uri or default_tracking_uri(out))})
+                               "tracking_uri": with_driver(self.tracking_uri or default_tracking_uri(out, False))})
 
 
 # ---- study bookkeeping (all under the lock) -------------------------------------------------------------
@@ -207,11 +214,14 @@ class Prepared:
     created: bool
     threads: int = 1                         # CPU threads of every trial (keys.TRIAL_THREADS)
     client: Any = None
+    devices: int = 1                         # devices of every trial (keys.TRIAL_DEVICES)
 
 
-def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
+def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any, devices: int = 1,
+            where: Optional[ReslabError] = None) -> Prepared:
     """Create (or load and check) the Optuna study and its MLflow parent run, once, under the lock (which
-    also keeps two processes from initialising a new MLflow database at the same time)."""
+    also keeps two processes from initialising a new MLflow database at the same time). `devices`: the devices
+    per trial this command found (`where`: who asked for them); a study made meanwhile with others refuses it."""
     fingerprint = plan.fingerprint()
     experiment = recording.experiment_name(plan.kind, plan.name)
     with quiet(), study_lock(storage, plan.name):
@@ -228,8 +238,13 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
             raise ReslabError(f"study '{plan.name}' in {shown(opts.storage)} was made from another definition "
                               f"(the file, its base spec or --set changed); run it under a new name with --study "
                               f"NAME", file=str(plan.file))
+        if attrs.get(keys.TRIAL_DEVICES, devices) != devices:           # (made meanwhile by another command)
+            raise devices_differ(plan, attrs[keys.TRIAL_DEVICES], devices, opts,
+                                 where or ReslabError("", file="--devices-per-trial"))
         if keys.TRIAL_THREADS not in attrs:   # fixed once: a cell's result must not depend on the worker count
             study.set_user_attr(keys.TRIAL_THREADS, trial_threads(plan))
+        if keys.TRIAL_DEVICES not in attrs:   # fixed once too: DDP over K devices trains on K batches a step
+            study.set_user_attr(keys.TRIAL_DEVICES, devices)
         threads = int(study.user_attrs[keys.TRIAL_THREADS])
         names = [m.name for m in plan.objectives]
         if study.metric_names != names:               # optuna-dashboard and Optuna's plots name the objectives
@@ -253,7 +268,87 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any) -> Prepared:
             tracking.log_files(client, parent, [plan.file, plan.base], "study")
         else:
             recording.reopen(client, parent)
-    return Prepared(plan.name, experiment, experiment_id, parent, created, threads, client)
+    return Prepared(plan.name, experiment, experiment_id, parent, created, threads, client, devices)
+
+
+# ---- devices of a trial ---------------------------------------------------------------------------------
+def requested_devices(plan: StudyPlan, opts: StudyOptions) -> tuple[Optional[int], ReslabError]:
+    """Devices per trial this command asks for (--devices-per-trial, else the file's devices_per_trial, else the
+    spec's train.devices when above 1; None: whatever the study has) and, as an error to fill in, where it asked."""
+    flag = ReslabError("", file="--devices-per-trial")
+    in_file = ReslabError("", file=str(plan.file), line=plan.devices_line, path="devices_per_trial")
+    in_spec = ReslabError("", file=str(plan.file), path="train.devices")
+    spec_devices = (plan.document.get("train") or {}).get("devices", 1)
+    if spec_devices == "auto":
+        in_spec.message = "a study's trials cannot take 'auto' devices: give devices_per_trial (or " \
+                          "--devices-per-trial) K, the GPUs of each trial"
+        raise in_spec
+    given = [(k, where) for k, where in ((opts.devices_per_trial, flag), (plan.devices_per_trial, in_file),
+                                         (spec_devices if spec_devices != 1 else None, in_spec)) if k is not None]
+    for k, where in given:
+        if k < 1:
+            where.message = f"must be at least 1 (got {k})"
+            raise where
+    for k, where in given[1:]:
+        if k != given[0][0]:
+            first = given[0][1]
+            where.message = f"{k} devices per trial, but {first.file}{f' ({first.path})' if first.path else ''} " \
+                            f"says {given[0][0]}; say it once"
+            raise where
+    return given[0] if given else (None, flag)
+
+
+def stored_devices(storage: Any, name: str) -> Optional[int]:
+    """The devices per trial a stored study was made with (None: no such study yet, or made before they were
+    stored: one device). Reads only."""
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:
+        return None
+    return int(attrs.get(keys.TRIAL_DEVICES, 1))
+
+
+def devices_differ(plan: StudyPlan, stored: int, asked: int, opts: StudyOptions, where: ReslabError) -> ReslabError:
+    where.message = f"study '{plan.name}' in {shown(opts.storage)} trains every trial on {stored} device" \
+                    f"{'s' if stored != 1 else ''}, fixed when it was made (a result depends on it); {asked} needs a " \
+                    f"new study: --study NEW_NAME"
+    return where
+
+
+def check_devices(k: int, plan: StudyPlan, where: ReslabError) -> list[str]:
+    """That this machine can give every trial k devices; returns the GPUs the workers share ([] on CPU). One-line
+    errors (at `where`) for k above the devices present and for k that does not divide the GPUs."""
+    spec = plan.build([])
+    if spec.train.num_nodes != 1:
+        raise ReslabError("a study's trial trains on one machine; give devices_per_trial (--devices-per-trial) K "
+                          "instead of train.num_nodes", file=str(plan.file), path="train.num_nodes")
+    if k > 1 and spec.train.strategy == "ddp_spawn":
+        raise ReslabError("a study's trials of several devices run with strategy ddp (the worker is rank 0 and "
+                          "Lightning starts the other ranks); ddp_spawn cannot carry the trial to them",
+                          file=str(plan.file), path="train.strategy")
+    if spec.train.accelerator == "gpu" or uses_cuda(spec):
+        gpus = _gpus()
+        shown_ids = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
+            if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
+        if k > len(gpus):
+            where.message = f"{k} GPU{'s' if k != 1 else ''} per trial, but {len(gpus)} GPU" \
+                            f"{'s are' if len(gpus) != 1 else ' is'} visible{shown_ids}"
+            raise where
+        if len(gpus) % k:
+            where.message = f"{k} does not divide the {len(gpus)} visible GPUs{shown_ids}: each worker takes {k} of " \
+                            f"its own; make CUDA_VISIBLE_DEVICES name a multiple of {k} GPUs"
+            raise where
+        return gpus
+    cores = os.cpu_count() or 1
+    if k > cores:
+        where.message = f"{k} processes per trial, but this machine has {cores} CPU core{'s' if cores != 1 else ''}"
+        raise where
+    return []
+
+
+def device_groups(gpus: list[str], k: int) -> list[list[str]]:
+    """The GPUs split into groups of k, one group per worker (k divides the GPUs: check_devices)."""
+    return [gpus[i:i + k] for i in range(0, len(gpus), k)]
 
 
 def trial_threads(plan: StudyPlan) -> int:
@@ -341,12 +436,12 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
     """Pull and run trials until the study is done (or the deadline passes). Returns trials run."""
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
     study = optuna.load_study(study_name=plan.name, storage=storage,
-                              sampler=make_sampler(plan, worker, opts.workers), pruner=make_pruner(plan))
+                              sampler=make_sampler(plan, worker, opts.workers or 1), pruner=make_pruner(plan))
     client = client_for(opts.tracking_uri, opts.output_dir)
     ctx = TrialContext(plan, opts.tracking_uri, prepared.experiment, prepared.experiment_id, prepared.parent_run_id,
                        Path(opts.output_dir), progress=opts.progress, worker=worker, client=client,
-                       threads=prepared.threads)
-    prefix = f"[worker {worker}] " if opts.workers > 1 else ""
+                       threads=prepared.threads, devices=prepared.devices)
+    prefix = f"[worker {worker}] " if (opts.workers or 1) > 1 else ""
     ran = 0
     while True:
         action, trial = _claim(study, storage, plan, opts.deadline)
@@ -356,7 +451,8 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
             time.sleep(max(1, opts.heartbeat))
             continue
         cell = " [{} seed {}]".format(*ablation_cell(trial, plan)) if plan.kind == "ablation" else ""
-        print(f"{prefix}trial {trial.number}{cell} started", flush=True)
+        ranks = f" on {prepared.devices} devices" if prepared.devices > 1 else ""
+        print(f"{prefix}trial {trial.number}{cell} started{ranks}", flush=True)
         try:
             with Heartbeat(storage, trial._trial_id, opts.heartbeat):
                 outcome = run_trial(ctx, trial)
@@ -375,6 +471,13 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
         else:
             print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
         ran += 1
+        if prepared.devices > 1 and outcome.outcome == keys.ERROR:
+            # Lightning's launcher ends every process of a DDP job one of whose processes failed, this worker
+            # included, within seconds: stop here rather than be killed in the middle of the next trial
+            print(f"{prefix}stops: a process of trial {trial.number} failed, and Lightning ends the whole job; the "
+                  f"trial is retried (by another worker, or when the study is run again)", file=sys.stderr,
+                  flush=True)
+            return ran
 
 
 def stale_note(trial: optuna.Trial, storage: Any) -> str:
@@ -408,24 +511,31 @@ def _gpus() -> list[str]:
     return ids[:n]
 
 
-def worker_env(index: int, gpus: list[str], threads: int) -> dict[str, str]:
-    """Environment of worker `index`: its own GPU (round robin) and the study's CPU threads per trial."""
+def worker_env(index: int, gpus: list[str], threads: int, devices: int = 1) -> dict[str, str]:
+    """Environment of worker `index`: its own group of `devices` GPUs (round robin over the groups) and the study's
+    CPU threads per trial (per process)."""
     env = {"OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        groups = device_groups(gpus, devices)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[index % len(groups)])
     return env
 
 
-def spawn_workers(opts: StudyOptions, status_dir: Path, threads: int) -> list[tuple[subprocess.Popen, Path]]:
-    gpus = _gpus()
+def spawn_workers(opts: StudyOptions, status_dir: Path, threads: int, devices: int = 1,
+                  gpus: Optional[list[str]] = None) -> list[tuple[subprocess.Popen, Path]]:
+    """Start the worker processes (`python -m search.worker`), each with its worker_env."""
+    gpus = _gpus() if gpus is None else gpus
     procs = []
-    for i in range(opts.workers):
+    for i in range(opts.workers or 1):
         status = status_dir / f"worker-{i}.json"
-        env = {**os.environ, **worker_env(i, gpus, threads)}
+        env = {**os.environ, **worker_env(i, gpus, threads, devices)}
         args = json.dumps({**asdict(opts), "worker": i, "status": str(status)})
         proc = subprocess.Popen([sys.executable, "-m", "search.worker", args], env=env, cwd=os.getcwd())
-        device = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else f"{env['OMP_NUM_THREADS']} CPU threads"
+        if gpus:
+            device = f"GPU{'s' if devices > 1 else ''} {env['CUDA_VISIBLE_DEVICES']}"
+        else:
+            device = (f"{devices} processes x " if devices > 1 else "") + f"{env['OMP_NUM_THREADS']} CPU threads"
         print(f"worker {i}: pid {proc.pid} ({device})", flush=True)
         procs.append((proc, status))
     return procs
@@ -465,7 +575,7 @@ def run_study(opts: StudyOptions) -> dict:
 
 def _run_study(opts: StudyOptions) -> dict:
     opts = opts.resolved()
-    if opts.workers < 1:
+    if opts.workers is not None and opts.workers < 1:
         raise ReslabError("must be at least 1", file="--workers")
     if opts.heartbeat < 1:
         raise ReslabError("must be at least 1 (seconds)", file="--heartbeat")
@@ -476,19 +586,33 @@ def _run_study(opts: StudyOptions) -> dict:
                           f"`python cli.py {command}`", file=str(plan.file))
     if plan.kind == "search" and plan.timeout and opts.deadline is None:
         opts.deadline = time.time() + plan.timeout
+    # bad input is found before anything is recorded: the devices asked for, the MLflow store, then the storage
+    asked, where = requested_devices(plan, opts)
+    if asked is not None:
+        check_devices(asked, plan, where)
+    client_for(opts.tracking_uri, opts.output_dir)
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
-    prepared = prepare(plan, opts, storage)
+    stored = stored_devices(storage, plan.name)
+    if asked is not None and stored is not None and asked != stored:
+        raise devices_differ(plan, stored, asked, opts, where)
+    devices = asked or stored or 1
+    gpus = check_devices(devices, plan, where)
+    if opts.workers is None:
+        opts.workers = len(gpus) // devices if gpus and devices > 1 else 1
+    if opts.progress is None and opts.workers > 1:
+        opts.progress = False                 # several workers: one line per epoch, not interleaved bars
+    prepared = prepare(plan, opts, storage, devices, where)
     client = prepared.client
     print(f"study '{plan.name}' ({'new' if prepared.created else 'resumed'}) in {shown(opts.storage)}; "
           f"MLflow experiment '{prepared.experiment}', parent run {prepared.parent_run_id}", flush=True)
     interrupted = False
     errors: list[str] = []
     try:
-        if opts.workers == 1:
+        if opts.workers == 1 and devices == 1:
             run_worker(plan, opts, prepared, 0)
-        else:
+        else:   # (a trial of several devices: its DDP ranks are started again from the worker's command line)
             with tempfile.TemporaryDirectory(prefix="reslab-workers-") as tmp:
-                errors = wait_workers(spawn_workers(opts, Path(tmp), prepared.threads))
+                errors = wait_workers(spawn_workers(opts, Path(tmp), prepared.threads, devices, gpus))
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:        # a worker's error: close the parent run rather than leave it RUNNING

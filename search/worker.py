@@ -1,7 +1,11 @@
 """Entry point of one worker process: `python -m search.worker '<json of StudyOptions + worker + status>'`.
 
-Started by search.study.spawn_workers with its own CUDA_VISIBLE_DEVICES or CPU thread share. A one-line error
-goes to the status file (the parent prints it), exit code 2; Ctrl-C exits 130.
+Started by search.study.spawn_workers with its own CUDA_VISIBLE_DEVICES (K GPUs for trials of K devices) or CPU
+thread share. A one-line error goes to the status file (the parent prints it), exit code 2; Ctrl-C exits 130.
+
+A trial of K devices runs with Lightning DDP: the worker is rank 0, and Lightning starts this same command again for
+ranks 1..K-1 (with LOCAL_RANK set). Those processes find the trial in their environment and follow it
+(search.objective.follow_trial): they train it with rank 0 and never touch Optuna or MLflow.
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ from . import keys
 from .recording import experiment_name
 from .space import load_study_file, study_name_of
 from .storage import open_storage
+from .objective import following, follow_trial
 from .study import Prepared, StudyOptions, run_worker
 
 
 def main(argv: list[str]) -> int:
+    trial = following()
+    if trial is not None:                   # a DDP rank > 0 of the trial its worker runs
+        return follow_trial(trial)
     args = json.loads(argv[0])
     worker, status = args.pop("worker"), Path(args.pop("status"))
     opts = StudyOptions(**args)
@@ -38,7 +46,8 @@ def main(argv: list[str]) -> int:
             experiment = experiment_name(plan.kind, plan.name)
             prepared = Prepared(plan.name, experiment, ensure_experiment(client, experiment, opts.output_dir),
                                 study.user_attrs[keys.PARENT], created=False,
-                                threads=int(study.user_attrs[keys.TRIAL_THREADS]))
+                                threads=int(study.user_attrs[keys.TRIAL_THREADS]),
+                                devices=int(study.user_attrs.get(keys.TRIAL_DEVICES, 1)))
             run_worker(plan, opts, prepared, worker)
     except ReslabError as e:
         status.write_text(json.dumps({"error": str(e)}))

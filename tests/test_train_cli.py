@@ -1,6 +1,6 @@
 """`python cli.py run` in subprocesses: bad flags and missing data (one line, exit 2), a NaN loss (exit 1),
-SIGTERM then --resume (same MLflow run, no duplicate epochs), and DDP with 2 CPU processes (one run, metrics of
-the whole test set)."""
+SIGTERM then --resume (same MLflow run, no duplicate epochs), DDP with 2 CPU processes (one run, metrics of
+the whole test set), and two nodes launched as the README shows (by hand and with torchrun): one run, on node 0."""
 from __future__ import annotations
 
 import os
@@ -168,3 +168,74 @@ def test_ddp_two_cpu_processes_make_one_run(fashion_mnist, outputs):
     correct, total = measure_test_accuracy(model, spec)
     assert total == 500
     assert run.data.metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(folder: Path, args: list[str], launch) -> list[subprocess.CompletedProcess]:
+    """Start the same command as node 0 and node 1, each in its own working folder (two machines that share no
+    files), `launch(node_rank, port)` giving each its command prefix and environment; wait for both."""
+    port, procs = _free_port(), []
+    for rank in (0, 1):
+        (folder / f"node{rank}").mkdir(parents=True)
+        prefix, env = launch(rank, port)
+        procs.append(subprocess.Popen([*prefix, str(ROOT / "cli.py"), *args], cwd=folder / f"node{rank}",
+                                      env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def test_two_nodes_make_one_run_by_hand_and_with_torchrun(fashion_mnist, tmp_path):
+    """`--devices 1 --num-nodes 2` on two "machines" (two folders on 127.0.0.1): started with MASTER_ADDR,
+    MASTER_PORT, NODE_RANK as Lightning reads them, then with torchrun. Each makes one MLflow run, written by node 0
+    alone, whose test accuracy covers the whole test set; both launches train the same (bit for bit the same loss)."""
+    args = tiny(fashion_mnist, "data.train_subset=1024", "train.epochs=1", "train.batch_size=64",
+                "data.test_subset=500") + ["--devices", "1", "--num-nodes", "2"]
+    args[1] = str(ROOT / args[1])                     # (each node runs in its own folder)
+    by_hand = _two_nodes(tmp_path / "by_hand", args, lambda rank, port: (
+        [sys.executable], {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}))
+    torchrun = _two_nodes(tmp_path / "torchrun", args, lambda rank, port: (
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)], {}))
+    losses = []
+    for launch, (node0, node1) in (("by_hand", by_hand), ("torchrun", torchrun)):
+        assert node0.returncode == 0 and node1.returncode == 0, node0.stderr + node1.stderr
+        assert node0.stdout.count("test accuracy") == 1 and "test accuracy" not in node1.stdout
+        client, run = only_run(tmp_path / launch / "node0" / "outputs")
+        assert run.info.status == "FINISHED" and run.data.params["train.num_nodes"] == "2"
+        assert run.data.params["train.devices"] == "1"
+        # node 1 recorded nothing: no store, no checkpoint, no artifact in its folder
+        assert not [p for p in (tmp_path / launch / "node1").rglob("*") if p.is_file()], launch
+        from runs.checkpoint import load_model
+
+        uri = default_tracking_uri(tmp_path / launch / "node0" / "outputs")
+        spec, model = load_model(run.info.run_id, tracking_uri=uri)
+        correct, total = measure_test_accuracy(model, spec)
+        assert total == 500 and run.data.metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
+        losses.append([m.value for m in client.get_metric_history(run.info.run_id, "train/loss")])
+    assert losses[0] == losses[1]
+
+
+def test_several_nodes_without_a_launcher_is_one_line(fashion_mnist, outputs):
+    """Node 0 alone would wait half an hour for node 1: refused before anything is recorded."""
+    env = {k: "" for k in ("MASTER_ADDR", "NODE_RANK")}
+    clean = {k: v for k, v in os.environ.items() if k not in env}
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *tiny(fashion_mnist), "--num-nodes", "2",
+                           "--output-dir", str(outputs)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=clean)
+    assert done.returncode == 2
+    line = one_line(done.stderr)
+    assert line.startswith("train.num_nodes: 2 nodes, but no launcher started this process"), line
+    assert "torchrun" in line and "NODE_RANK" in line
+    client = MlflowClient(default_tracking_uri(outputs))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
