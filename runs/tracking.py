@@ -122,7 +122,8 @@ def _open_client(uri: str) -> MlflowClient:
 def client_for(tracking_uri: Optional[str], output_dir: str | Path = "outputs") -> MlflowClient:
     """An MlflowClient on the given store (default: the sqlite file in output_dir), opened safely against other
     commands opening it too (runs.stores); one-line error if unusable."""
-    flag = "--tracking-uri" if tracking_uri else "--output-dir"
+    given = bool(tracking_uri) and tracking_uri != default_tracking_uri(output_dir, create=False)
+    flag = "--tracking-uri" if given else "--output-dir"        # (a study passes the default on, resolved)
     uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
     if "://" not in uri:
         raise ReslabError(f"tracking URI '{uri}' has no scheme; use sqlite:///path/mlflow.db, "

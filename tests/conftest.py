@@ -18,6 +18,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "RESLAB_STORAGE")   # the CLI's defaults for --tracking-uri / --storage
+
+
+@pytest.fixture(autouse=True)
+def no_store_from_the_environment(monkeypatch):
+    """Each test starts without $MLFLOW_TRACKING_URI / $RESLAB_STORAGE and leaves none behind: the user's shell
+    must not redirect a test's records, nor a test that sets one (Lightning's MLFlowLogger calls
+    mlflow.set_tracking_uri, which exports it) redirect the next test's commands."""
+    for name in STORE_VARIABLES:
+        monkeypatch.setenv(name, "")          # (recorded, so that teardown removes what the test set)
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture
