@@ -47,6 +47,15 @@ def outputs(tmp_path: Path) -> Path:
     return out
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers and DDP rendezvous the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None):
     """Run `python cli.py ARGS` in a subprocess; returns CompletedProcess with text output."""
     import subprocess

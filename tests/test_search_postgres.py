@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,18 +14,13 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
              if p.parent.name.isdigit() else 0, default=Path("/usr/lib/postgresql/15/bin"))  # Debian's layout
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unavailable(reason: str) -> None:
@@ -60,7 +54,7 @@ def postgres():
     home = Path(tempfile.mkdtemp(prefix="reslab-pg-"))
     if prefix:
         shutil.chown(home, user="postgres")
-    data, port = home / "data", _free_port()
+    data, port = home / "data", free_port()
     subprocess.run([*prefix, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
                    check=True, capture_output=True)
     subprocess.run([*prefix, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "-t", "60",

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cli import main
-from conftest import ROOT
-from test_search_postgres import PG_BIN, _free_port, postgres  # noqa: F401  (postgres: the fixture)
+from conftest import ROOT, free_port
+from test_search_postgres import PG_BIN, postgres  # noqa: F401  (postgres: the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def tracking_server(postgres, tmp_path):  # noqa: F811  (the imported fixture)
     from search.ui import stop_group
     from search.storage import with_driver
 
-    port = _free_port()
+    port = free_port()
     artifacts = tmp_path / "server" / "artifacts"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", with_driver(f"{postgres}/mlflow"),
            "--serve-artifacts", "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",

@@ -9,20 +9,15 @@ import sys
 import time
 import urllib.request
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, free_port, run_cli
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_serves_the_local_store(outputs):
     from mlflow.tracking import MlflowClient
 
     MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}").create_experiment("ablation/demo")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ui", "--port", str(port), "--output-dir",
                              str(outputs)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -70,7 +65,7 @@ def test_sigterm_stops_the_server_too(outputs):
     started: nothing is left serving, no orphan."""
     import psutil
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ui", "--port", str(port), "--output-dir",
                              str(outputs)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, measure_test_accuracy, run_cli
+from conftest import ROOT, free_port, measure_test_accuracy, run_cli
 from runs.record import run_owner
 from runs.tracking import default_tracking_uri
 
@@ -170,18 +169,11 @@ def test_ddp_two_cpu_processes_make_one_run(fashion_mnist, outputs):
     assert run.data.metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_nodes(folder: Path, args: list[str], launch) -> list[subprocess.CompletedProcess]:
     """Start the same command as node 0 and node 1, each in its own working folder (two machines that share no
     files), `launch(node_rank, port)` giving each its command prefix and environment; wait for both."""
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in (0, 1):
         (folder / f"node{rank}").mkdir(parents=True)
         prefix, env = launch(rank, port)
