@@ -102,12 +102,13 @@ def build_model(spec: Spec, plan: NetworkPlan | None = None, *, init: bool = Fal
     return model
 
 
-def init_report(spec: Spec, resolve: Optional[Resolve] = None) -> Optional[InitReport]:
+def init_report(spec: Spec, resolve: Optional[Resolve] = None, plan: NetworkPlan | None = None) -> Optional[InitReport]:
     """Check `init_from` against the network (built on the meta device), shapes only: no tensor is read; SpecError
-    if it does not fit. None when the spec has no init_from, or names a run id and no `resolve` is given."""
+    if it does not fit. None when the spec has no init_from, or names a run id and no `resolve` is given. `plan`:
+    the spec's plan_network when the caller has it already."""
     found = read_init(spec, resolve, meta=True)
     if found is None:
         return None
     with torch.device("meta"):
-        ours = build_model(spec).state_dict()
+        ours = build_model(spec, plan).state_dict()
     return checked(spec, found[0], found[1], ours)

@@ -207,10 +207,10 @@ def load_init(model: torch.nn.Module, spec: Spec, resolve: Optional[Resolve] = N
     """Copy the `init_from` tensors that fit into `model` (checked first: SpecError if they do not)."""
     if not spec.init_from:
         return None
-    path = init_path(spec, resolve)
-    if path is None:
+    found = read_init(spec, resolve, meta=False)
+    if found is None:
         raise _fail(spec, f"'{spec.init_from}' is an MLflow run id: `python cli.py run` resolves it (runs.checkpoint)")
-    theirs = _read(spec, path, meta=False)
+    path, theirs = found
     report = checked(spec, path, theirs, model.state_dict())
     with torch.no_grad():
         model.load_state_dict({k: theirs[report.renamed.get(k, k)] for k in report.loaded}, strict=False)

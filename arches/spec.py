@@ -16,12 +16,11 @@ import yaml
 from pydantic import ValidationError
 
 from .compile import init_report
-from .errors import Locator, SpecError, first_line, index_of, located
+from .errors import KeyPath, Locator, SpecError, first_line, index_of, located
 from .plan import plan_network
 from .schema import DATASETS, Spec
 
 Override = Union[str, tuple[str, Any]]
-KeyPath = tuple  # ('stages', 2, 'depth')
 
 
 @dataclass
@@ -246,9 +245,9 @@ def spec_from_dict(data: dict, source: Source | None = None) -> Spec:
         raise located(e, Spec, source, data) from None
     spec._source = source
     check_recipe_and_data(spec)
-    plan_network(spec)  # raises SpecError with a key path for impossible shapes
+    plan = plan_network(spec)  # raises SpecError with a key path for impossible shapes
     if from_files:
-        init_report(spec)   # a file that is not a state_dict, or another network's: SpecError (run ids: later)
+        init_report(spec, plan=plan)   # a file that is not a state_dict, or another network's: SpecError (run ids: later)
     return spec
 
 

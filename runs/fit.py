@@ -229,8 +229,9 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
                                resume=resume, params=params, register=register)
             try:
                 with record, _launcher_env(record.run_id, checkpoint), guard.watching():
-                    if record.recorder is not None:
-                        trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, record.recorder)
+                    recorder = record.recorder             # (a new callback each time it is asked for)
+                    if recorder is not None:
+                        trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, recorder)
                     ckpt.path = (work or checkpoint_dir(output_dir, record.run_id or "rank-unknown")) / LAST
                     if work is not None and record.client is not None:
                         ckpt.keep = record.keep_checkpoint         # uploaded every epoch: any machine resumes it

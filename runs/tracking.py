@@ -272,11 +272,6 @@ def _git(*args: str, cwd: Path = ROOT) -> Optional[str]:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def git_commit(cwd: Path = ROOT) -> Optional[str]:
-    """HEAD's commit hash of the repository holding reslab, or None."""
-    return _git("rev-parse", "HEAD", cwd=cwd)
-
-
 def source_tags() -> dict[str, str]:
     """MLflow's source fields (its UI's Source and User columns): the program that ran (the script given to Python,
     else reslab's cli.py), LOCAL, the user, and the git commit, branch and remote of the reslab checkout."""

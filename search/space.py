@@ -41,7 +41,6 @@ RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", 
 COST_METRICS = ("params", "macs", "latency_ms")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
-IMPORTANCES = ("ped-anova", "fanova", "none")   # Optuna's evaluators (PED-ANOVA is Optuna's default)
 OPTUNA_SCALARS = (str, int, float, bool, type(None))
 
 

@@ -218,14 +218,14 @@ class Prepared:
 
 
 def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any, devices: int = 1,
-            where: Optional[ReslabError] = None) -> Prepared:
-    """Create (or load and check) the Optuna study and its MLflow parent run, once, under the lock (which
-    also keeps two processes from initialising a new MLflow database at the same time). `devices`: the devices
-    per trial this command found (`where`: who asked for them); a study made meanwhile with others refuses it."""
+            where: Optional[ReslabError] = None, client: Any = None) -> Prepared:
+    """Create (or load and check) the Optuna study and its MLflow parent run, once, under the lock. `devices`: the
+    devices per trial this command found (`where`: who asked for them); a study made meanwhile with others refuses
+    it. `client`: the MLflow store already opened (default: opened here)."""
     fingerprint = plan.fingerprint()
     experiment = recording.experiment_name(plan.kind, plan.name)
     with quiet(), study_lock(storage, plan.name):
-        client = client_for(opts.tracking_uri, opts.output_dir)
+        client = client or client_for(opts.tracking_uri, opts.output_dir)
         created = False
         try:
             study = optuna.load_study(study_name=plan.name, storage=storage)
@@ -437,7 +437,7 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
     study = optuna.load_study(study_name=plan.name, storage=storage,
                               sampler=make_sampler(plan, worker, opts.workers or 1), pruner=make_pruner(plan))
-    client = client_for(opts.tracking_uri, opts.output_dir)
+    client = prepared.client or client_for(opts.tracking_uri, opts.output_dir)   # (a worker process opens its own)
     ctx = TrialContext(plan, opts.tracking_uri, prepared.experiment, prepared.experiment_id, prepared.parent_run_id,
                        Path(opts.output_dir), progress=opts.progress, worker=worker, client=client,
                        threads=prepared.threads, devices=prepared.devices)
@@ -588,20 +588,20 @@ def _run_study(opts: StudyOptions) -> dict:
         opts.deadline = time.time() + plan.timeout
     # bad input is found before anything is recorded: the devices asked for, the MLflow store, then the storage
     asked, where = requested_devices(plan, opts)
-    if asked is not None:
-        check_devices(asked, plan, where)
-    client_for(opts.tracking_uri, opts.output_dir)
+    gpus = check_devices(asked, plan, where) if asked is not None else None
+    client = client_for(opts.tracking_uri, opts.output_dir)
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
     stored = stored_devices(storage, plan.name)
     if asked is not None and stored is not None and asked != stored:
         raise devices_differ(plan, stored, asked, opts, where)
     devices = asked or stored or 1
-    gpus = check_devices(devices, plan, where)
+    if gpus is None:                          # (nothing asked: the stored study's devices, checked here)
+        gpus = check_devices(devices, plan, where)
     if opts.workers is None:
         opts.workers = len(gpus) // devices if gpus and devices > 1 else 1
     if opts.progress is None and opts.workers > 1:
         opts.progress = False                 # several workers: one line per epoch, not interleaved bars
-    prepared = prepare(plan, opts, storage, devices, where)
+    prepared = prepare(plan, opts, storage, devices, where, client)
     client = prepared.client
     print(f"study '{plan.name}' ({'new' if prepared.created else 'resumed'}) in {shown(opts.storage)}; "
           f"MLflow experiment '{prepared.experiment}', parent run {prepared.parent_run_id}", flush=True)
