@@ -59,7 +59,9 @@ def study_kind(path: str):
             doc = yaml.safe_load(f)
     except Exception:  # noqa: BLE001  (whoever reads the file properly says what is wrong with it)
         return None
-    return next((k for k in ("ablation", "search") if isinstance(doc, dict) and k in doc), None)
+    from search.kinds import STUDY_KINDS
+
+    return next((k for k in STUDY_KINDS if isinstance(doc, dict) and k in doc), None)
 
 
 def load_network_spec(path: str, overrides=()):
@@ -72,9 +74,10 @@ def load_network_spec(path: str, overrides=()):
         kind = study_kind(path)
         if kind is None:
             raise
-        raise SpecError(f"this is {'an' if kind == 'ablation' else 'a'} {kind} file, not a network spec; run it "
-                        f"with `python cli.py {'ablate' if kind == 'ablation' else 'search'} {path}`",
-                        file=path) from None
+        from search.kinds import STUDY_KINDS
+
+        raise SpecError(f"this is {STUDY_KINDS[kind].a_file}, not a network spec; run it with `python cli.py "
+                        f"{STUDY_KINDS[kind].command} {path}`", file=path) from None
 
 
 # ---- commands --------------------------------------------------------------------------------------------
@@ -118,9 +121,7 @@ def cmd_validate(args) -> int:
             from search.space import load_study_file
 
             plan = load_study_file(path, args.overrides)
-            size = f"{len(plan.arms)} arms x {len(plan.seeds)} seeds" if plan.kind == "ablation" else \
-                f"{len(plan.dimensions)} dimensions, {plan.trials} trials"
-            print(f"ok  {path}  ({plan.kind} '{plan.name}': {size})")
+            print(f"ok  {path}  ({plan.kind} '{plan.name}': {plan.size()})")
         else:
             print(f"ok  {path}  ({load_network_spec(path, args.overrides).name})")
     return 0
@@ -198,7 +199,9 @@ def cmd_export(args) -> int:
 def cmd_ablate(args) -> int:
     from search import options_from_args, print_report, run_study
 
-    summary = run_study(options_from_args(args, kind="ablation" if args.command == "ablate" else "search"))
+    from search.kinds import KIND_OF_COMMAND
+
+    summary = run_study(options_from_args(args, kind=KIND_OF_COMMAND[args.command]))
     print(json.dumps(summary, indent=2)) if args.json else print_report(summary)
     return 0
 

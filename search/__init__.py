@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["StudyOptions", "StudyPlan", "add_study_arguments", "load_study_file", "options_from_args",
-           "print_report", "report_study", "run_study", "serve_ui", "study_name_of"]
+__all__ = ["AblationPlan", "SearchPlan", "StudyDesign", "StudyOptions", "add_study_arguments", "load_study_file",
+           "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of"]
 
 
 def __getattr__(name: str):  # heavy modules (torch, optuna, mlflow) load on first use
-    if name in ("StudyPlan", "load_study_file", "study_name_of"):
+    if name in ("AblationPlan", "SearchPlan", "StudyDesign"):
+        from . import plans
+        return getattr(plans, name)
+    if name in ("load_study_file", "study_name_of"):
         from . import space
         return getattr(space, name)
     if name in ("StudyOptions", "run_study"):

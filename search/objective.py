@@ -40,7 +40,7 @@ from runs.quiet import quiet
 from runs.record import RUN_ID_ENV
 
 from . import keys, recording
-from .space import StudyPlan
+from .plans import StudyDesign
 from .trials import TrialRecord
 
 LATENCY_REPEATS = 20
@@ -50,7 +50,7 @@ FOLLOW_ENV = "RESLAB_FOLLOW_TRIAL"   # the trial a worker trains on several devi
 @dataclass
 class TrialContext:
     """What a worker needs to run trials of one study."""
-    plan: StudyPlan
+    plan: StudyDesign
     tracking_uri: str
     experiment: str
     experiment_id: str
@@ -129,25 +129,6 @@ def costs(spec: Spec, latency: bool = False, cost: Optional[Complexity] = None) 
     if latency:
         out["latency_ms"] = measure_latency(spec)
     return out
-
-
-def sample(trial: optuna.Trial, plan: StudyPlan) -> dict[str, Any]:
-    """Draw one value per search dimension (enqueued retries get their fixed values back)."""
-    values = {}
-    for d in plan.dimensions:
-        if d.kind in ("categorical", "groups"):
-            values[d.key] = trial.suggest_categorical(d.key, d.choices)
-        elif d.kind == "int":
-            values[d.key] = trial.suggest_int(d.key, int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
-        else:
-            values[d.key] = trial.suggest_float(d.key, d.low, d.high, step=d.step, log=d.log)
-    return values
-
-
-def ablation_cell(trial: optuna.Trial, plan: StudyPlan) -> tuple[str, int]:
-    """The (arm, seed) an enqueued ablation trial was given."""
-    return (trial.suggest_categorical("arm", [a.name for a in plan.arms]),
-            trial.suggest_categorical("seed", plan.seeds))
 
 
 def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
@@ -238,24 +219,14 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     """Build, train and judge one trial. Raises ReslabError (bad data, store) and KeyboardInterrupt only."""
     plan = ctx.plan
     devices = ctx.devices if ctx.devices > 1 else None
-    if plan.kind == "ablation":
-        arm, seed = ablation_cell(trial, plan)
-        spec = plan.arm_spec(arm, seed, threads=ctx.threads, devices=devices)
-        values: dict[str, Any] = {"arm": arm, "seed": seed, **plan.arm(arm).labels}
-        if plan.arm(arm).width_multiplier is not None:
-            values["width_multiplier"] = plan.arm(arm).width_multiplier
-        TrialRecord.put(trial, arm=arm, seed=seed)
-        run_name = f"{arm} seed {seed}"
-        tags = {"arm": arm, "seed": str(seed)}
-        params: Optional[dict[str, Any]] = {"arm": arm, "seed": seed}    # the runs table's columns
-    else:
-        values = sample(trial, plan)
-        try:
-            spec = plan.search_spec(values, threads=ctx.threads, devices=devices)
-        except SpecError as e:
-            return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
-        run_name = f"trial {trial.number}"
-        tags, params = {}, None
+    start = plan.start_trial(trial)
+    values, run_name, tags, params = start.values, start.run_name, start.tags, start.params
+    if start.record:
+        TrialRecord.put(trial, **start.record)
+    try:
+        spec = plan.trial_spec(start, threads=ctx.threads, devices=devices)
+    except SpecError as e:                               # sampled values that make no valid network
+        return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
     tags.update({keys.STUDY_TAG: plan.name, keys.ROLE_TAG: "trial",
                  keys.TRIAL_TAG: str(trial.number)})
     complexity_ = complexity(spec)                       # once: the costs and the run's records share it
@@ -266,8 +237,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
                     device=device)
     callbacks = []
     prune = None
-    if plan.kind == "search" and plan.pruner is not None and plan.pruner.type != "none":
-        prune = plan.pruner.metric
+    if plan.prune_metric is not None:
+        prune = plan.prune_metric
         callbacks.append(PruningCallback(trial, prune))
 
     previous = _previous_run(ctx, trial)

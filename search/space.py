@@ -20,20 +20,19 @@ Overrides apply in this order: the base spec < `set:` < the command line's --set
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from arches import Spec, spec_from_dict, spec_hash
-from arches.errors import Locator, ReslabError, SpecError, did_you_mean, index_of, located
-from arches.spec import Override, Source, build_document, display_path, parse_override, read_yaml, set_path
+from arches.errors import Locator, ReslabError, SpecError, did_you_mean, located
+from arches.spec import Override, Source, build_document, display_path, parse_override, read_yaml
 
+from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
 from .matching import match_arms
+from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
+from .settings import Setting, apply_setting, expand_key  # noqa: F401  (search.space.Setting: the loader's words)
 
 # Final metrics of a training run (runs.fit) and cost figures reslab measures itself.
 RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "test/loss",
@@ -113,219 +112,6 @@ class StudyFile(Strict):
     devices_per_trial: Optional[int] = Field(None, ge=1, le=4096)  # GPUs (CPU processes) of each trial, DDP; null: 1
     ablation: Optional[AblationSpec] = None
     search: Optional[SearchSpec] = None
-
-
-# ---- plan objects --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Setting:
-    """One dotted override and where it was written (for errors)."""
-    key: str
-    value: Any
-    file: str
-    line: Optional[int]
-
-
-@dataclass(frozen=True)
-class Metric:
-    name: str
-    goal: str                                            # minimize | maximize: the Optuna direction
-
-
-@dataclass
-class Arm:
-    name: str
-    labels: dict[str, str]                               # axis -> label
-    settings: list[Setting]
-    reference: str = ""                                  # the arm this one is compared with
-    width_multiplier: Optional[float] = None             # chosen by compute matching
-
-
-@dataclass
-class Dimension:
-    """One searched key: categorical choices, labelled override groups, or an int/float range."""
-    key: str
-    kind: str                                            # categorical | groups | int | float
-    choices: list = field(default_factory=list)          # categorical values or group labels
-    groups: dict[str, list[Setting]] = field(default_factory=dict)
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
-    step: Optional[float] = None
-    line: Optional[int] = None
-
-    def grid_values(self) -> Optional[list]:
-        """Every value a grid sampler would try, or None for an unbounded float range."""
-        if self.kind in ("categorical", "groups"):
-            return list(self.choices)
-        if self.kind == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.step:
-            n = int(round((self.high - self.low) / self.step))
-            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
-        return None
-
-
-@dataclass
-class StudyPlan:
-    """A loaded ablation or search file: what to train and how to judge it."""
-    kind: str                                            # ablation | search
-    name: str                                            # study name
-    file: Path
-    base: Path
-    text: str                                            # the file as written
-    document: dict                                       # the base spec with `set:` and --set applied
-    source: Source
-    metrics: list[Metric]                                # ablation: reported metrics (first = objective)
-    overrides: list[tuple[str, Any]] = field(default_factory=list)  # the command line's --set
-    # ablation
-    axes: dict[str, list[str]] = field(default_factory=dict)
-    arms: list[Arm] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    match: Optional[MatchSpec] = None
-    pivot: Optional[PivotSpec] = None
-    max_attempts: int = 3
-    # search
-    dimensions: list[Dimension] = field(default_factory=list)
-    sampler: str = "tpe"
-    sampler_seed: Optional[Seed] = None
-    pruner: Optional[PrunerSpec] = None
-    trials: int = 0
-    timeout: Optional[float] = None
-    importance: str = "ped-anova"
-    description: str = ""                                # `description:`, else the file's header comment
-    devices_per_trial: Optional[int] = None              # the file's devices_per_trial (the study's: search.study)
-    devices_line: Optional[int] = None                   # where the file says it
-
-    @property
-    def objectives(self) -> list[Metric]:
-        """What Optuna optimises: the first metric of an ablation, every objective of a search."""
-        return self.metrics[:1] if self.kind == "ablation" else self.metrics
-
-    def arm(self, name: str) -> Arm:
-        for a in self.arms:
-            if a.name == name:
-                return a
-        raise KeyError(name)
-
-    def cells(self) -> list[tuple[str, int]]:
-        """Every (arm, seed) an ablation trains, arms in file order."""
-        return [(a.name, s) for a in self.arms for s in self.seeds]
-
-    def arm_spec(self, arm: str, seed: int, threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
-        """The spec of one ablation cell (`threads`: the study's CPU threads, when the spec gives none; `devices`:
-        the study's devices per trial)."""
-        a = self.arm(arm)
-        return self.build(a.settings + [Setting("train.seed", seed, "<seed>", None)], a.width_multiplier,
-                          threads, devices)
-
-    def search_spec(self, values: dict[str, Any], threads: Optional[int] = None,
-                    devices: Optional[int] = None) -> Spec:
-        """The spec of one search trial from its sampled values (Optuna params)."""
-        settings: list[Setting] = []
-        for dim in self.dimensions:
-            value = values[dim.key]
-            if dim.kind == "groups":
-                settings += dim.groups[str(value)]
-            else:
-                settings.append(Setting(dim.key, value, str(self.file), dim.line))
-        return self.build(settings, threads=threads, devices=devices)
-
-    def build(self, settings: Iterable[Setting], width_multiplier: Optional[float] = None,
-              threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
-        """The base document with these settings applied (then a compute-matched width_multiplier, the study's
-        CPU threads where the spec sets none, and its devices per trial), validated into a Spec (errors point at
-        the settings)."""
-        data = copy.deepcopy(self.document)
-        source = copy.deepcopy(self.source)
-        match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
-        for s in [*settings, *match]:
-            apply_setting(data, source, s)
-        if threads is not None and (data.get("train") or {}).get("threads") is None:
-            apply_setting(data, source, Setting("train.threads", threads, "<study>", None))
-        if devices is not None:
-            apply_setting(data, source, Setting("train.devices", devices, "<study>", None))
-        return spec_from_dict(data, source)
-
-    def fingerprint(self) -> str:
-        """Hash of everything that decides the trials: a study must not be resumed with another definition."""
-        if self.kind == "ablation":
-            parts: Any = [[a.name, s, spec_hash(self.arm_spec(a.name, s))] for a in self.arms for s in self.seeds]
-        else:
-            parts = {"document": self.document, "space": [dim_json(d) for d in self.dimensions],
-                     "objectives": [(m.name, m.goal) for m in self.metrics]}
-        parts = {"kind": self.kind, "parts": parts}
-        text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def meta(self) -> dict:
-        """What a report needs without the file: arms, references, seeds, metrics, views (JSON)."""
-        return {
-            "kind": self.kind, "name": self.name, "file": str(self.file), "base": str(self.base),
-            "metrics": [{"name": m.name, "goal": m.goal} for m in self.metrics],
-            "axes": self.axes, "seeds": self.seeds,
-            "arms": [{"name": a.name, "labels": a.labels, "reference": a.reference,
-                      "width_multiplier": a.width_multiplier} for a in self.arms],
-            "match": self.match.model_dump() if self.match else None,
-            "pivot": self.pivot.model_dump() if self.pivot else None,
-            "dimensions": [d.key for d in self.dimensions],
-            "importance": self.importance if self.kind == "search" else None,
-            "description": self.description,
-        }
-
-
-def dim_json(d: Dimension) -> dict:
-    return {"key": d.key, "kind": d.kind, "choices": d.choices, "low": d.low, "high": d.high, "log": d.log,
-            "step": d.step, "groups": {k: [(s.key, s.value) for s in v] for k, v in d.groups.items()}}
-
-
-# ---- applying dotted keys ------------------------------------------------------------------------------
-def expand_key(data: Any, dotted: str) -> list[str]:
-    """'stages.*.depth' -> ['stages.0.depth', 'stages.1.depth', ...] for the lists in `data`."""
-    parts = dotted.split(".")
-    if "*" not in parts:
-        return [dotted]
-    i = parts.index("*")
-    node: Any = data
-    for p in parts[:i]:
-        if isinstance(node, list) and index_of(p) is not None and -len(node) <= index_of(p) < len(node):
-            node = node[index_of(p)]
-        elif isinstance(node, dict) and p in node:
-            node = node[p]
-        else:
-            raise SpecError(f"'*' needs a list or mapping at '{'.'.join(parts[:i]) or '.'}'", path=dotted)
-    if isinstance(node, list):
-        keys = [str(k) for k in range(len(node))]
-    elif isinstance(node, dict):
-        keys = [str(k) for k in node]
-    else:
-        raise SpecError(f"'*' needs a list or mapping at '{'.'.join(parts[:i])}'", path=dotted)
-    out = []
-    for k in keys:
-        out += expand_key(data, ".".join(parts[:i] + [k] + parts[i + 1:]))
-    return out
-
-
-def _keypath(dotted: str) -> tuple:
-    return tuple(p if index_of(p) is None else index_of(p) for p in dotted.split("."))
-
-
-def apply_setting(data: dict, source: Source, s: Setting) -> None:
-    """Set one dotted key in a spec document, noting the file and line it came from."""
-    try:
-        keys = expand_key(data, s.key)
-        for key in keys:
-            set_path(data, key, copy.deepcopy(s.value))
-            source.lines[_keypath(key)] = (s.file, s.line)
-            _note_nested(source, _keypath(key), s.value, s.file, s.line)
-    except SpecError as e:
-        raise SpecError(e.message, file=s.file, line=s.line, path=e.path or s.key) from None
-
-
-def _note_nested(source: Source, prefix: tuple, value: Any, file: str, line: Optional[int]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            source.lines[prefix + (k,)] = (file, line)
-            _note_nested(source, prefix + (k,), v, file, line)
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -475,20 +261,20 @@ def _load_search(spec: SearchSpec, where: Locator) -> tuple[list[Dimension], lis
                                                                for k in ("low", "high")))
             if ints and (r.low != int(r.low) or r.high != int(r.high) or (r.step and r.step != int(r.step))):
                 raise where.error("an int range needs integer low, high and step", *path)
-            dims.append(Dimension(key, "int" if ints else "float", low=r.low, high=r.high, log=r.log,
-                                  step=r.step, line=line))
+            dims.append((IntRange if ints else FloatRange)(key=key, low=r.low, high=r.high, log=r.log,
+                                                           step=r.step, line=line))
             continue
         groups = _axis(key, value, where, "search")
         grouped = isinstance(value, dict) and any(isinstance(v, dict) for v in value.values())
         if grouped:
-            dims.append(Dimension(key, "groups", choices=list(groups), groups=groups, line=line))
+            dims.append(Groups(key=key, choices=list(groups), groups=groups, line=line))
         else:
             values = [g[0].value for g in groups.values()]
             bad = [v for v in values if not isinstance(v, OPTUNA_SCALARS)]
             if bad:
                 raise where.error(f"choices must be strings, numbers, booleans or null (got {bad[0]!r}); for "
                                   f"structured values use labels: {{label: {{dotted.key: value}}}}", *path)
-            dims.append(Dimension(key, "categorical", choices=values, line=line))
+            dims.append(Categorical(key=key, choices=values, line=line))
     if not dims:
         raise where.error("the space needs at least one key", "search", "space")
     if not spec.objectives:
@@ -519,7 +305,7 @@ def _load_search(spec: SearchSpec, where: Locator) -> tuple[list[Dimension], lis
 
 
 def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), name: Optional[str] = None,
-                    match_multipliers: Optional[dict[str, float]] = None) -> StudyPlan:
+                    match_multipliers: Optional[dict[str, float]] = None) -> StudyDesign:
     """Read and check an ablation or search file, with --set overrides for every trial.
 
     Every arm (or the space's corners) is built into a Spec here, so a bad key fails before any training.
@@ -551,44 +337,55 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
         apply_setting(data, source, Setting(key, value, "--set", None))
         source.overrides.append((key, value))
     source.base_data = copy.deepcopy(data)     # a trial's diff_from_base: what its arm or sample changed
-    plan = StudyPlan(kind="ablation" if doc.ablation else "search", name=name or doc.name or path.stem, file=path,
-                     base=base, text=path.read_text(), document=data, source=source, metrics=[], overrides=cli)
-    plan.description = doc.description or header_comment(plan.text)
-    plan.devices_per_trial, plan.devices_line = doc.devices_per_trial, where.line("devices_per_trial")
-    if doc.ablation is not None:
-        plan.axes, plan.arms, plan.seeds, plan.metrics = _load_ablation(doc.ablation, where)
-        plan.max_attempts = doc.ablation.max_attempts
-        match = doc.ablation.match
-        plan.match = MatchSpec(by=match) if isinstance(match, str) else match
-        plan.pivot = doc.ablation.pivot
-        _check_pivot(plan, where)
-        for a in plan.arms:
-            plan.arm_spec(a.name, plan.seeds[0])       # validate every arm now (one-line errors)
-        if plan.match:
-            if any(s.key == "width_multiplier" for a in plan.arms for s in a.settings):
-                raise where.error("a compute-matched ablation chooses width_multiplier itself; do not set it in "
-                                  "an arm", "ablation", "match")
-            match_arms(plan, known=match_multipliers)
-    else:
-        s = doc.search
-        plan.dimensions, plan.metrics, plan.pruner = _load_search(s, where)
-        plan.sampler, plan.sampler_seed, plan.trials, plan.timeout = s.sampler, s.sampler_seed, s.trials, s.timeout
-        plan.max_attempts, plan.importance = s.max_attempts, s.importance
-        if s.sampler == "grid" and "trials" not in s.model_fields_set:
-            plan.trials = grid_size(plan.dimensions)
-        _check_space(plan)
+    common = dict(name=name or doc.name or path.stem, file=path, base=base, text=path.read_text(), document=data,
+                  source=source, overrides=cli, devices_per_trial=doc.devices_per_trial,
+                  devices_line=where.line("devices_per_trial"))
+    common["description"] = doc.description or header_comment(common["text"])
+    section = next(k for k in LOADERS if getattr(doc, k) is not None)
+    plan = LOADERS[section](getattr(doc, section), common, where, match_multipliers)
     _check_validation_metrics(plan, where)
     return plan
 
 
-def _check_validation_metrics(plan: StudyPlan, where: Locator) -> None:
+def _ablation_plan(spec: AblationSpec, common: dict, where: Locator,
+                   match_multipliers: Optional[dict[str, float]]) -> AblationPlan:
+    """The checked AblationPlan of an `ablation:` section (every arm built once; widths matched)."""
+    axes, arms, seeds, metrics = _load_ablation(spec, where)
+    match = MatchSpec(by=spec.match) if isinstance(spec.match, str) else spec.match
+    plan = AblationPlan(**common, axes=axes, arms=arms, seeds=seeds, metrics=metrics, max_attempts=spec.max_attempts,
+                        match=match, pivot=spec.pivot)
+    _check_pivot(plan, where)
+    for a in plan.arms:
+        plan.arm_spec(a.name, plan.seeds[0])       # validate every arm now (one-line errors)
+    if plan.match:
+        if any(s.key == "width_multiplier" for a in plan.arms for s in a.settings):
+            raise where.error("a compute-matched ablation chooses width_multiplier itself; do not set it in "
+                              "an arm", "ablation", "match")
+        match_arms(plan, known=match_multipliers)
+    return plan
+
+
+def _search_plan(spec: SearchSpec, common: dict, where: Locator, match_multipliers: Any = None) -> SearchPlan:
+    """The checked SearchPlan of a `search:` section (the space's corners built once)."""
+    dimensions, metrics, pruner = _load_search(spec, where)
+    trials = grid_size(dimensions) if spec.sampler == "grid" and "trials" not in spec.model_fields_set else spec.trials
+    plan = SearchPlan(**common, dimensions=dimensions, metrics=metrics, pruner=pruner, sampler=spec.sampler,
+                      sampler_seed=spec.sampler_seed, trials=trials, timeout=spec.timeout,
+                      max_attempts=spec.max_attempts, importance=spec.importance)
+    _check_space(plan)
+    return plan
+
+
+LOADERS = {"ablation": _ablation_plan, "search": _search_plan}    # the file's section -> its plan
+
+
+def _check_validation_metrics(plan: StudyDesign, where: Locator) -> None:
     """A val/ metric (objective or pruner) needs a validation split."""
     needs = [m.name for m in plan.metrics if m.name.startswith("val/")]
-    if plan.pruner is not None and plan.pruner.type != "none":
-        needs.append(plan.pruner.metric)
+    if plan.prune_metric is not None:
+        needs.append(plan.prune_metric)
     if needs and not plan.build([]).data.val_size:
-        section = ("ablation", "metric") if plan.kind == "ablation" else ("search", "objectives")
-        raise where.error(f"{needs[0]} needs a validation split, but data.val_size is 0", *section)
+        raise where.error(f"{needs[0]} needs a validation split, but data.val_size is 0", *plan.metric_path)
 
 
 def grid_size(dims: list[Dimension]) -> int:
@@ -598,7 +395,7 @@ def grid_size(dims: list[Dimension]) -> int:
     return n
 
 
-def _check_pivot(plan: StudyPlan, where: Locator) -> None:
+def _check_pivot(plan: AblationPlan, where: Locator) -> None:
     if plan.pivot is None:
         return
     for key in ("rows", "columns"):
@@ -613,15 +410,12 @@ def _check_pivot(plan: StudyPlan, where: Locator) -> None:
                               "pivot", "metrics", i)
 
 
-def _check_space(plan: StudyPlan) -> None:
+def _check_space(plan: SearchPlan) -> None:
     """Build the spec at each choice and range end (others at their first value) to catch bad keys early."""
-    first = {d.key: d.choices[0] if d.kind in ("categorical", "groups") else
-             (int(d.low) if d.kind == "int" else d.low) for d in plan.dimensions}
+    first = {d.key: d.ends()[0] for d in plan.dimensions}
     plan.search_spec(first)
     for d in plan.dimensions:
-        values = d.choices[1:] if d.kind in ("categorical", "groups") else \
-            [int(d.high) if d.kind == "int" else d.high]
-        for v in values:
+        for v in d.ends()[1:]:
             plan.search_spec({**first, d.key: v})
 
 

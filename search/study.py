@@ -14,7 +14,6 @@ With N GPUs, each of the N / K workers gets K GPUs of its own.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -40,9 +39,11 @@ from runs.quiet import quiet
 from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
 from . import keys, recording
-from .objective import TrialContext, ablation_cell, record, run_trial
+from .objective import TrialContext, record, run_trial
 from .report import finalize
-from .space import StudyPlan, load_study_file
+from .kinds import STUDY_KINDS
+from .plans import StudyDesign
+from .space import load_study_file
 from .storage import default_storage, open_storage, shown, study_lock, with_driver
 from .trials import TrialRecord
 
@@ -91,25 +92,14 @@ def _counts_as_attempt(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == TrialState.FAIL and TrialRecord.of(t).retryable_failure
 
 
-def fixed_cells(plan: StudyPlan) -> Optional[list[dict]]:
-    """Trials given up front: ablation (arm, seed) cells, or every point of a grid search; None otherwise."""
-    if plan.kind == "ablation":
-        return [{"arm": a, "seed": s} for a, s in plan.cells()]
-    if plan.sampler == "grid":
-        keys = [d.key for d in plan.dimensions]
-        grid = [dict(zip(keys, combo)) for combo in itertools.product(*(d.grid_values() for d in plan.dimensions))]
-        return grid[:plan.trials]
-    return None
-
-
 def _cell_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def cell_status(plan: StudyPlan, trials: list) -> dict[str, dict]:
+def cell_status(plan: StudyDesign, trials: list) -> dict[str, dict]:
     """Per fixed cell: its trials, whether it is done, active (waiting/running), and its failed attempts."""
     cells = {_cell_key(c): {"params": c, "trials": [], "done": False, "active": False, "attempts": 0}
-             for c in fixed_cells(plan) or []}
+             for c in plan.fixed_cells() or []}
     for t in trials:
         cell = cells.get(_cell_key(_params(t)))
         if cell is None:
@@ -124,7 +114,7 @@ def cell_status(plan: StudyPlan, trials: list) -> dict[str, dict]:
     return cells
 
 
-def enqueue_missing(study: optuna.Study, plan: StudyPlan) -> int:
+def enqueue_missing(study: optuna.Study, plan: StudyDesign) -> int:
     """Enqueue every fixed cell that is neither done nor active nor given up; returns how many."""
     n = 0
     for cell in cell_status(plan, study.get_trials(deepcopy=False)).values():
@@ -139,7 +129,7 @@ def enqueue_missing(study: optuna.Study, plan: StudyPlan) -> int:
     return n
 
 
-def enqueue_retries(study: optuna.Study, plan: StudyPlan) -> int:
+def enqueue_retries(study: optuna.Study, plan: StudyDesign) -> int:
     """Search: re-enqueue the values of trials that died or raised, up to max_attempts per chain."""
     trials = study.get_trials(deepcopy=False)
     retried = {TrialRecord.of(t).retry_of for t in trials}
@@ -158,7 +148,7 @@ def enqueue_retries(study: optuna.Study, plan: StudyPlan) -> int:
     return n
 
 
-def search_used(plan: StudyPlan, trials: list) -> int:
+def search_used(plan: StudyDesign, trials: list) -> int:
     """Trials that count against the budget: results, given-up attempts, and those waiting or running."""
     retried = {TrialRecord.of(t).retry_of for t in trials}
     used = 0
@@ -170,7 +160,7 @@ def search_used(plan: StudyPlan, trials: list) -> int:
     return used
 
 
-def next_action(study: optuna.Study, plan: StudyPlan, deadline: Optional[float]) -> str:
+def next_action(study: optuna.Study, plan: StudyDesign, deadline: Optional[float]) -> str:
     trials = study.get_trials(deepcopy=False)
     waiting = any(t.state == TrialState.WAITING for t in trials)
     running = any(t.state == TrialState.RUNNING for t in trials)
@@ -178,30 +168,9 @@ def next_action(study: optuna.Study, plan: StudyPlan, deadline: Optional[float])
         return STOP
     if waiting:
         return RUN
-    if fixed_cells(plan) is None and search_used(plan, trials) < plan.trials:
+    if plan.wants_sampled(search_used(plan, trials)):
         return RUN
     return WAIT if running else STOP
-
-
-# ---- samplers and pruners -------------------------------------------------------------------------------
-def make_sampler(plan: StudyPlan, worker: int, workers: int) -> optuna.samplers.BaseSampler:
-    seed = None if plan.sampler_seed is None else plan.sampler_seed + 1000 * worker
-    if plan.kind == "ablation" or plan.sampler in ("random", "grid"):
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if plan.sampler == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=workers > 1)
-
-
-def make_pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
-    p = plan.pruner
-    if plan.kind == "ablation" or p is None or p.type == "none":
-        return optuna.pruners.NopPruner()
-    if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs))
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
 
 
 # ---- creating / resuming --------------------------------------------------------------------------------
@@ -217,7 +186,7 @@ class Prepared:
     devices: int = 1                         # devices of every trial (keys.TRIAL_DEVICES)
 
 
-def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any, devices: int = 1,
+def prepare(plan: StudyDesign, opts: StudyOptions, storage: Any, devices: int = 1,
             where: Optional[ReslabError] = None, client: Any = None) -> Prepared:
     """Create (or load and check) the Optuna study and its MLflow parent run, once, under the lock. `devices`: the
     devices per trial this command found (`where`: who asked for them); a study made meanwhile with others refuses
@@ -257,13 +226,13 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any, devices: int = 1,
             study.set_user_attr(keys.META, plan.meta())
             study.set_user_attr(keys.TEXT, plan.text)
             study.set_user_attr(keys.BASE_TEXT, plan.base.read_text())
-        experiment_id = ensure_experiment(client, experiment, opts.output_dir, description=describe(plan))
+        experiment_id = ensure_experiment(client, experiment, opts.output_dir, description=plan.mlflow_description())
         parent = attrs.get(keys.PARENT)
         if not tracking.run_exists(client, parent):
             if parent:
                 print(f"note: parent run {parent} of study '{plan.name}' is not in {opts.tracking_uri}; "
                       f"starting a new one (give every worker the same --tracking-uri)", file=sys.stderr)
-            parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind, describe(plan))
+            parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind, plan.mlflow_description())
             study.set_user_attr(keys.PARENT, parent)
             tracking.log_files(client, parent, [plan.file, plan.base], "study")
         else:
@@ -272,7 +241,7 @@ def prepare(plan: StudyPlan, opts: StudyOptions, storage: Any, devices: int = 1,
 
 
 # ---- devices of a trial ---------------------------------------------------------------------------------
-def requested_devices(plan: StudyPlan, opts: StudyOptions) -> tuple[Optional[int], ReslabError]:
+def requested_devices(plan: StudyDesign, opts: StudyOptions) -> tuple[Optional[int], ReslabError]:
     """Devices per trial this command asks for (--devices-per-trial, else the file's devices_per_trial, else the
     spec's train.devices when above 1; None: whatever the study has) and, as an error to fill in, where it asked."""
     flag = ReslabError("", file="--devices-per-trial")
@@ -308,14 +277,14 @@ def stored_devices(storage: Any, name: str) -> Optional[int]:
     return int(attrs.get(keys.TRIAL_DEVICES, 1))
 
 
-def devices_differ(plan: StudyPlan, stored: int, asked: int, opts: StudyOptions, where: ReslabError) -> ReslabError:
+def devices_differ(plan: StudyDesign, stored: int, asked: int, opts: StudyOptions, where: ReslabError) -> ReslabError:
     where.message = f"study '{plan.name}' in {shown(opts.storage)} trains every trial on {stored} device" \
                     f"{'s' if stored != 1 else ''}, fixed when it was made (a result depends on it); {asked} needs a " \
                     f"new study: --study NEW_NAME"
     return where
 
 
-def check_devices(k: int, plan: StudyPlan, where: ReslabError) -> list[str]:
+def check_devices(k: int, plan: StudyDesign, where: ReslabError) -> list[str]:
     """That this machine can give every trial k devices; returns the GPUs the workers share ([] on CPU). One-line
     errors (at `where`) for k above the devices present and for k that does not divide the GPUs."""
     spec = plan.build([])
@@ -351,22 +320,12 @@ def device_groups(gpus: list[str], k: int) -> list[list[str]]:
     return [gpus[i:i + k] for i in range(0, len(gpus), k)]
 
 
-def trial_threads(plan: StudyPlan) -> int:
+def trial_threads(plan: StudyDesign) -> int:
     """CPU threads per trial of a new study: the spec's train.threads, else 1. Never the number of workers or of
     cores: CPU arithmetic depends on the thread count, and a cell's result must not depend on how it was run
     (more cores: more workers)."""
     given = (plan.document.get("train") or {}).get("threads")
     return int(given) if isinstance(given, int) and given > 0 else 1
-
-
-def describe(plan: StudyPlan) -> str:
-    """The study's description in MLflow (experiment and parent run): the file's own words, then how to read it."""
-    how = ("Each arm x seed is a child run (params arm, seed; tags arm, seed): group the runs by the tag `arm` "
-           "to compare arms, mean and spread over seeds. The parent run holds the report (results/results.md, "
-           "the per-arm table results/arms.json, curves.png)." if plan.kind == "ablation" else
-           "Each trial is a child run (params trial.*). The parent run holds the report (results/results.md, "
-           "pareto.png, importances).")
-    return f"{plan.description}\n\n{how}" if plan.description else how
 
 
 # ---- the worker loop ------------------------------------------------------------------------------------
@@ -394,13 +353,13 @@ class Heartbeat:
         self._thread.join()
 
 
-def _claim(study: optuna.Study, storage: Any, plan: StudyPlan, deadline: Optional[float]) -> tuple[str, Any]:
+def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optional[float]) -> tuple[str, Any]:
     """Under the lock: fail stale trials, enqueue missing cells/retries, then claim a trial (or wait/stop)."""
     with study_lock(storage, plan.name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
-        if fixed_cells(plan) is not None:
+        if plan.fixed_cells() is not None:
             enqueue_missing(study, plan)
         else:
             enqueue_retries(study, plan)
@@ -410,7 +369,7 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyPlan, deadline: Optiona
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # "heartbeat is meant for Study.optimize": we beat ourselves
             trial = study.ask()
-        if fixed_cells(plan) is not None and keys.QUEUED not in storage.get_trial(trial._trial_id).system_attrs:
+        if plan.fixed_cells() is not None and keys.QUEUED not in storage.get_trial(trial._trial_id).system_attrs:
             # ask() found no queued cell to pop and made a fresh, sampled trial: a study of fixed cells never
             # runs one (it could repeat a cell). Close it as discarded and look again.
             TrialRecord.put(trial, outcome=keys.DISCARDED)
@@ -422,9 +381,8 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyPlan, deadline: Optiona
         return RUN, trial
 
 
-def _describe(plan: StudyPlan, trial: optuna.Trial, outcome: Any) -> str:
-    what = f"{trial.params.get('arm')} seed {trial.params.get('seed')}" if plan.kind == "ablation" else \
-        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+def _describe(plan: StudyDesign, trial: optuna.Trial, outcome: Any) -> str:
+    what = plan.params_label(trial.params)
     if outcome.values is not None:
         res = ", ".join(f"{m.name} {v:.4g}" for m, v in zip(plan.objectives, outcome.values))
     else:
@@ -432,11 +390,11 @@ def _describe(plan: StudyPlan, trial: optuna.Trial, outcome: Any) -> str:
     return f"trial {trial.number} [{what}] {outcome.outcome.upper()}" + (f": {res}" if res else "")
 
 
-def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: int = 0) -> int:
+def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker: int = 0) -> int:
     """Pull and run trials until the study is done (or the deadline passes). Returns trials run."""
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
     study = optuna.load_study(study_name=plan.name, storage=storage,
-                              sampler=make_sampler(plan, worker, opts.workers or 1), pruner=make_pruner(plan))
+                              sampler=plan.make_sampler(worker, opts.workers or 1), pruner=plan.make_pruner())
     client = prepared.client or client_for(opts.tracking_uri, opts.output_dir)   # (a worker process opens its own)
     ctx = TrialContext(plan, opts.tracking_uri, prepared.experiment, prepared.experiment_id, prepared.parent_run_id,
                        Path(opts.output_dir), progress=opts.progress, worker=worker, client=client,
@@ -450,7 +408,7 @@ def run_worker(plan: StudyPlan, opts: StudyOptions, prepared: Prepared, worker: 
         if action == WAIT:
             time.sleep(max(1, opts.heartbeat))
             continue
-        cell = " [{} seed {}]".format(*ablation_cell(trial, plan)) if plan.kind == "ablation" else ""
+        cell = plan.cell_label(trial)
         ranks = f" on {prepared.devices} devices" if prepared.devices > 1 else ""
         print(f"{prefix}trial {trial.number}{cell} started{ranks}", flush=True)
         try:
@@ -581,10 +539,9 @@ def _run_study(opts: StudyOptions) -> dict:
         raise ReslabError("must be at least 1 (seconds)", file="--heartbeat")
     plan = load_study_file(opts.file, opts.overrides, opts.study)
     if opts.kind and plan.kind != opts.kind:
-        command = "ablate" if plan.kind == "ablation" else "search"
-        raise ReslabError(f"this is {'an' if plan.kind == 'ablation' else 'a'} {plan.kind} file; run it with "
-                          f"`python cli.py {command}`", file=str(plan.file))
-    if plan.kind == "search" and plan.timeout and opts.deadline is None:
+        raise ReslabError(f"this is {STUDY_KINDS[plan.kind].a_file}; run it with `python cli.py "
+                          f"{STUDY_KINDS[plan.kind].command}`", file=str(plan.file))
+    if plan.timeout and opts.deadline is None:
         opts.deadline = time.time() + plan.timeout
     # bad input is found before anything is recorded: the devices asked for, the MLflow store, then the storage
     asked, where = requested_devices(plan, opts)

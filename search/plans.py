@@ -1,0 +1,322 @@
+"""A loaded study file: an AblationPlan (arms x seeds) or a SearchPlan (a space Optuna samples), one interface.
+
+Whatever runs or records a study asks its plan, never which kind it holds: the trials given up front
+(fixed_cells), Optuna's sampler and pruner, the spec and the run of one trial (start_trial), the labels it prints,
+and what a report needs (meta). `search.space.load_study_file` makes one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Optional
+
+from arches import Spec, spec_from_dict, spec_hash
+from arches.spec import Override, Source
+
+from .dimensions import Dimension
+from .settings import Setting, apply_setting
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    goal: str                                            # minimize | maximize: the Optuna direction
+
+
+@dataclass
+class Arm:
+    name: str
+    labels: dict[str, str]                               # axis -> label
+    settings: list[Setting]
+    reference: str = ""                                  # the arm this one is compared with
+    width_multiplier: Optional[float] = None             # chosen by compute matching
+
+
+@dataclass
+class TrialStart:
+    """What one trial trains and how its run is named: the plan's answer for one Optuna trial."""
+    values: dict[str, Any]                               # what the trial stands for (MLflow records of a failure)
+    settings: list[Setting]                              # applied to the plan's document: the trial's spec
+    run_name: str                                        # the MLflow child run's name
+    tags: dict[str, str] = field(default_factory=dict)   # the child run's own tags
+    params: Optional[dict[str, Any]] = None              # the child run's params (None: the spec's)
+    record: dict[str, Any] = field(default_factory=dict)  # TrialRecord fields to put on the trial first
+    width_multiplier: Optional[float] = None             # compute-matched width
+
+
+@dataclass(kw_only=True)
+class StudyDesign:
+    """What every study file holds, and the questions a study asks of it (answered by each kind)."""
+    name: str                                            # study name
+    file: Path
+    base: Path
+    text: str                                            # the file as written
+    document: dict                                       # the base spec with `set:` and --set applied
+    source: Source
+    metrics: list[Metric] = field(default_factory=list)  # ablation: reported metrics (first = objective)
+    overrides: list[Override] = field(default_factory=list)  # the command line's --set
+    max_attempts: int = 3                                # a cell (or retry chain) whose worker died this often is given up
+    description: str = ""                                # `description:`, else the file's header comment
+    devices_per_trial: Optional[int] = None              # the file's devices_per_trial (the study's: search.study)
+    devices_line: Optional[int] = None                   # where the file says it
+    timeout: Optional[float] = None                      # seconds per command after which no new trial starts
+    kind: ClassVar[str] = ""                             # ablation | search: its section, stored as reslab.kind
+    metric_path: ClassVar[tuple] = ()                    # where the file lists the metrics (for errors)
+    how_to_read: ClassVar[str] = ""                      # the MLflow description's second paragraph
+
+    @property
+    def objectives(self) -> list[Metric]:
+        """What Optuna optimises."""
+        return self.metrics
+
+    @property
+    def prune_metric(self) -> Optional[str]:
+        """The per-epoch metric a pruner watches (None: trials are never pruned)."""
+        return None
+
+    def fixed_cells(self) -> Optional[list[dict]]:
+        """Trials given up front (their Optuna params), or None when a sampler draws them."""
+        raise NotImplementedError
+
+    def wants_sampled(self, used: int) -> bool:
+        """Whether a new sampled trial is due, `used` trials counting against the budget."""
+        return False
+
+    def make_sampler(self, worker: int, workers: int) -> Any:
+        """Optuna's sampler for worker `worker` of `workers`."""
+        raise NotImplementedError
+
+    def make_pruner(self) -> Any:
+        """Optuna's pruner."""
+        import optuna
+
+        return optuna.pruners.NopPruner()
+
+    def start_trial(self, trial: Any) -> TrialStart:
+        """The values, settings and run of an Optuna trial (enqueued values come back; others are sampled)."""
+        raise NotImplementedError
+
+    def cell_label(self, trial: Any) -> str:
+        """' [what]' naming the trial's cell on its 'started' line ('' when it has none)."""
+        return ""
+
+    def params_label(self, params: dict) -> str:
+        """The trial's params as its result line shows them."""
+        raise NotImplementedError
+
+    def size(self) -> str:
+        """'3 arms x 2 seeds', '4 dimensions, 20 trials': what `validate` says it holds."""
+        raise NotImplementedError
+
+    def trial_spec(self, start: TrialStart, threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
+        """The spec of one trial (`threads`: the study's CPU threads when the spec gives none; `devices`: the
+        study's devices per trial)."""
+        return self.build(start.settings, start.width_multiplier, threads, devices)
+
+    def build(self, settings: Iterable[Setting], width_multiplier: Optional[float] = None,
+              threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
+        """The base document with these settings applied (then a compute-matched width_multiplier, the study's
+        CPU threads where the spec sets none, and its devices per trial), validated into a Spec (errors point at
+        the settings)."""
+        data = copy.deepcopy(self.document)
+        source = copy.deepcopy(self.source)
+        match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
+        for s in [*settings, *match]:
+            apply_setting(data, source, s)
+        if threads is not None and (data.get("train") or {}).get("threads") is None:
+            apply_setting(data, source, Setting("train.threads", threads, "<study>", None))
+        if devices is not None:
+            apply_setting(data, source, Setting("train.devices", devices, "<study>", None))
+        return spec_from_dict(data, source)
+
+    def fingerprint_parts(self) -> Any:
+        """What decides the trials, as JSON."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the trials: a study must not be resumed with another definition."""
+        parts = {"kind": self.kind, "parts": self.fingerprint_parts()}
+        text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def meta(self) -> dict:
+        """What a report needs without the file: arms, references, seeds, metrics, views (JSON)."""
+        return {
+            "kind": self.kind, "name": self.name, "file": str(self.file), "base": str(self.base),
+            "metrics": [{"name": m.name, "goal": m.goal} for m in self.metrics],
+            "axes": {}, "seeds": [], "arms": [], "match": None, "pivot": None, "dimensions": [], "importance": None,
+            "description": self.description,
+        }
+
+    def mlflow_description(self) -> str:
+        """The study's description in MLflow (experiment and parent run): the file's own words, then how to read
+        it."""
+        return f"{self.description}\n\n{self.how_to_read}" if self.description else self.how_to_read
+
+
+@dataclass(kw_only=True)
+class AblationPlan(StudyDesign):
+    """A grid of arms x seeds, every arm compared with its reference arm."""
+    axes: dict[str, list[str]] = field(default_factory=dict)   # axis -> its labels
+    arms: list[Arm] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    match: Any = None                                    # MatchSpec: compute-matched widths (None: as written)
+    pivot: Any = None                                    # PivotSpec: an extra report view (None: none)
+    kind: ClassVar[str] = "ablation"
+    metric_path: ClassVar[tuple] = ("ablation", "metric")
+    how_to_read: ClassVar[str] = (
+        "Each arm x seed is a child run (params arm, seed; tags arm, seed): group the runs by the tag `arm` to "
+        "compare arms, mean and spread over seeds. The parent run holds the report (results/results.md, the per-arm "
+        "table results/arms.json, curves.png).")
+
+    @property
+    def objectives(self) -> list[Metric]:
+        """The first metric: the one Optuna records."""
+        return self.metrics[:1]
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def cells(self) -> list[tuple[str, int]]:
+        """Every (arm, seed) an ablation trains, arms in file order."""
+        return [(a.name, s) for a in self.arms for s in self.seeds]
+
+    def fixed_cells(self) -> Optional[list[dict]]:
+        return [{"arm": a, "seed": s} for a, s in self.cells()]
+
+    def make_sampler(self, worker: int, workers: int) -> Any:
+        import optuna
+
+        return optuna.samplers.RandomSampler(seed=None)   # (every trial is enqueued: nothing is sampled)
+
+    def cell_of(self, trial: Any) -> tuple[str, int]:
+        """The (arm, seed) an enqueued ablation trial was given."""
+        return (trial.suggest_categorical("arm", [a.name for a in self.arms]),
+                trial.suggest_categorical("seed", self.seeds))
+
+    def arm_settings(self, arm: str, seed: int) -> list[Setting]:
+        return self.arm(arm).settings + [Setting("train.seed", seed, "<seed>", None)]
+
+    def arm_spec(self, arm: str, seed: int, threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
+        """The spec of one ablation cell."""
+        return self.build(self.arm_settings(arm, seed), self.arm(arm).width_multiplier, threads, devices)
+
+    def start_trial(self, trial: Any) -> TrialStart:
+        arm, seed = self.cell_of(trial)
+        a = self.arm(arm)
+        values: dict[str, Any] = {"arm": arm, "seed": seed, **a.labels}
+        if a.width_multiplier is not None:
+            values["width_multiplier"] = a.width_multiplier
+        return TrialStart(values, self.arm_settings(arm, seed), f"{arm} seed {seed}", {"arm": arm, "seed": str(seed)},
+                          {"arm": arm, "seed": seed}, {"arm": arm, "seed": seed}, a.width_multiplier)
+
+    def cell_label(self, trial: Any) -> str:
+        return " [{} seed {}]".format(*self.cell_of(trial))
+
+    def params_label(self, params: dict) -> str:
+        return f"{params.get('arm')} seed {params.get('seed')}"
+
+    def size(self) -> str:
+        return f"{len(self.arms)} arms x {len(self.seeds)} seeds"
+
+    def fingerprint_parts(self) -> Any:
+        return [[a.name, s, spec_hash(self.arm_spec(a.name, s))] for a in self.arms for s in self.seeds]
+
+    def meta(self) -> dict:
+        return {**super().meta(), "axes": self.axes, "seeds": self.seeds,
+                "arms": [{"name": a.name, "labels": a.labels, "reference": a.reference,
+                          "width_multiplier": a.width_multiplier} for a in self.arms],
+                "match": self.match.model_dump() if self.match else None,
+                "pivot": self.pivot.model_dump() if self.pivot else None}
+
+
+@dataclass(kw_only=True)
+class SearchPlan(StudyDesign):
+    """A space Optuna samples (or a grid it walks), judged on one or more objectives."""
+    dimensions: list[Dimension] = field(default_factory=list)
+    sampler: str = "tpe"                                 # tpe | random | grid | nsga2
+    sampler_seed: Optional[int] = None                   # worker w seeds its sampler with sampler_seed + 1000 w
+    pruner: Any = None                                   # PrunerSpec
+    trials: int = 0                                      # the budget, over all workers and restarts
+    importance: str = "ped-anova"                        # Optuna's parameter-importance evaluator
+    kind: ClassVar[str] = "search"
+    metric_path: ClassVar[tuple] = ("search", "objectives")
+    how_to_read: ClassVar[str] = ("Each trial is a child run (params trial.*). The parent run holds the report "
+                                  "(results/results.md, pareto.png, importances).")
+
+    @property
+    def prune_metric(self) -> Optional[str]:
+        return self.pruner.metric if self.pruner is not None and self.pruner.type != "none" else None
+
+    def fixed_cells(self) -> Optional[list[dict]]:
+        if self.sampler != "grid":
+            return None
+        keys = [d.key for d in self.dimensions]
+        grid = [dict(zip(keys, combo)) for combo in itertools.product(*(d.grid_values() for d in self.dimensions))]
+        return grid[:self.trials]
+
+    def wants_sampled(self, used: int) -> bool:
+        return self.fixed_cells() is None and used < self.trials
+
+    def make_sampler(self, worker: int, workers: int) -> Any:
+        import warnings
+
+        import optuna
+
+        seed = None if self.sampler_seed is None else self.sampler_seed + 1000 * worker
+        if self.sampler in ("random", "grid"):
+            return optuna.samplers.RandomSampler(seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.sampler == "nsga2":
+                return optuna.samplers.NSGAIISampler(seed=seed)
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=workers > 1)
+
+    def make_pruner(self) -> Any:
+        import optuna
+
+        p = self.pruner
+        if p is None or p.type == "none":
+            return optuna.pruners.NopPruner()
+        if p.type == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs))
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Draw one value per dimension (enqueued retries get their fixed values back)."""
+        return {d.key: d.suggest(trial) for d in self.dimensions}
+
+    def value_settings(self, values: dict[str, Any]) -> list[Setting]:
+        return [s for d in self.dimensions for s in d.settings(values[d.key], str(self.file))]
+
+    def search_spec(self, values: dict[str, Any], threads: Optional[int] = None,
+                    devices: Optional[int] = None) -> Spec:
+        """The spec of one search trial from its sampled values (Optuna params)."""
+        return self.build(self.value_settings(values), threads=threads, devices=devices)
+
+    def start_trial(self, trial: Any) -> TrialStart:
+        values = self.sample(trial)
+        return TrialStart(values, self.value_settings(values), f"trial {trial.number}")
+
+    def params_label(self, params: dict) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+    def size(self) -> str:
+        return f"{len(self.dimensions)} dimensions, {self.trials} trials"
+
+    def fingerprint_parts(self) -> Any:
+        return {"document": self.document, "space": [d.as_json() for d in self.dimensions],
+                "objectives": [(m.name, m.goal) for m in self.metrics]}
+
+    def meta(self) -> dict:
+        return {**super().meta(), "dimensions": [d.key for d in self.dimensions], "importance": self.importance}
+
+
+PLANS: dict[str, type[StudyDesign]] = {p.kind: p for p in (AblationPlan, SearchPlan)}   # file section -> plan
