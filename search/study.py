@@ -3,7 +3,8 @@
 Every worker loops: under the study lock it fails stale trials (workers that stopped sending heartbeats),
 enqueues what is missing (ablation cells and grid points that never ran or whose attempt died; retries of
 dead search trials) and claims the next trial; then it trains that trial outside the lock with a heartbeat
-thread running. So no ablation cell runs twice, the trial budget holds across workers and machines, and a
+thread running. The loop is Optuna's ask-and-tell interface (study.ask, study.tell) and the storage's public
+methods only (a trial's storage id from its study name and number, for the heartbeat). So no ablation cell runs twice, the trial budget holds across workers and machines, and a
 restart loses nothing that finished.
 
 A study fixes, when it is made, the CPU threads and the devices of every trial (`devices_per_trial` K): a trial
@@ -353,6 +354,12 @@ class Heartbeat:
         self._thread.join()
 
 
+def trial_id_of(storage: Any, trial: optuna.Trial) -> int:
+    """The storage's id of a trial asked from it (what heartbeats are recorded under), by the storage's public API."""
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+
 def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optional[float]) -> tuple[str, Any]:
     """Under the lock: fail stale trials, enqueue missing cells/retries, then claim a trial (or wait/stop)."""
     with study_lock(storage, plan.name):
@@ -369,7 +376,8 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optio
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # "heartbeat is meant for Study.optimize": we beat ourselves
             trial = study.ask()
-        if plan.fixed_cells() is not None and keys.QUEUED not in storage.get_trial(trial._trial_id).system_attrs:
+        trial_id = trial_id_of(storage, trial)
+        if plan.fixed_cells() is not None and keys.QUEUED not in storage.get_trial(trial_id).system_attrs:
             # ask() found no queued cell to pop and made a fresh, sampled trial: a study of fixed cells never
             # runs one (it could repeat a cell). Close it as discarded and look again.
             TrialRecord.put(trial, outcome=keys.DISCARDED)
@@ -377,7 +385,7 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optio
             print(f"note: trial {trial.number} was sampled, not taken from the queue of cells; discarded",
                   file=sys.stderr, flush=True)
             return WAIT, None
-        storage.record_heartbeat(trial._trial_id)   # a trial without any heartbeat would never turn stale
+        storage.record_heartbeat(trial_id)   # a trial without any heartbeat would never turn stale
         return RUN, trial
 
 
@@ -412,7 +420,7 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
         ranks = f" on {prepared.devices} devices" if prepared.devices > 1 else ""
         print(f"{prefix}trial {trial.number}{cell} started{ranks}", flush=True)
         try:
-            with Heartbeat(storage, trial._trial_id, opts.heartbeat):
+            with Heartbeat(storage, trial_id_of(storage, trial), opts.heartbeat):
                 outcome = run_trial(ctx, trial)
         except optuna.exceptions.UpdateFinishedTrialError:      # failed as stale while setting up; retried
             print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
