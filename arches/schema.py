@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, \
     field_validator
 
-from .registry import PLACEMENTS, SHORTCUTS, STEMS, VARIANTS  # filled when `arches` is imported
+from .registry import DATA_SETS, OPTIMIZERS, PLACEMENTS, SCHEDULES, SHORTCUTS, STEMS, VARIANTS
+# ^ the network's registries are filled when `arches` is imported, the recipe's and the data's by runs/ on first use
 
 
 def _placement_letter(value: Any) -> Any:
@@ -27,6 +28,9 @@ Shortcut = Annotated[str, AfterValidator(lambda v: SHORTCUTS.check(v))]
 Placement = Annotated[str, BeforeValidator(_placement_letter), AfterValidator(lambda v: PLACEMENTS.check(v))]
 Variant = Annotated[str, AfterValidator(lambda v: VARIANTS.check(v))]
 StemType = Annotated[str, AfterValidator(lambda v: STEMS.check(v))]
+ScheduleType = Annotated[Any, AfterValidator(lambda v: SCHEDULES.check(v))]
+OptimizerName = Annotated[Any, AfterValidator(lambda v: OPTIMIZERS.check(v))]
+DataSetName = Annotated[Any, AfterValidator(lambda v: DATA_SETS.check(v))]
 
 
 class Strict(BaseModel):
@@ -110,7 +114,7 @@ class HeadSpec(Strict):
 
 
 class DataSpec(Strict):
-    name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "synthetic"
+    name: DataSetName = "synthetic"
     root: Optional[str] = None         # folder holding the files; null = $RESLAB_DATA, then system places
     val_size: Union[Annotated[int, Field(ge=0, le=10**9)], Annotated[float, Field(ge=0.0, lt=1.0)]] = 5000
     # ^ held out of train by seed: a count, or a fraction if < 1
@@ -126,7 +130,7 @@ class DataSpec(Strict):
 
 
 class ScheduleSpec(Strict):
-    type: Literal["constant", "multistep", "cosine", "onecycle"] = "multistep"
+    type: ScheduleType = "multistep"
     milestones: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field([], max_length=1000)
     # ^ multistep: where lr is multiplied by gamma
     unit: Literal["epoch", "step"] = "epoch"  # milestones counted in epochs or in optimizer steps
@@ -141,7 +145,7 @@ class WarmupSpec(Strict):
 
 
 class TrainSpec(Strict):
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     lr: float = Field(0.1, gt=0.0, le=1e6)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -209,6 +213,3 @@ class Spec(Strict):
                 raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
         return v  # arches.spec.Source: files, lines, base, overrides
 
-
-# Shapes of the named data sets: channels, side, classes (checked against `input` and `classes`).
-DATASETS = {"fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}

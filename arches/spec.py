@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from .compile import init_report
 from .errors import KeyPath, Locator, SpecError, first_line, index_of, located
 from .plan import plan_network
-from .schema import DATASETS, Spec
+from .registry import DATA_SETS
+from .schema import Spec
 
 Override = Union[str, tuple[str, Any]]
 
@@ -258,7 +259,7 @@ def check_recipe_and_data(spec: Spec) -> None:
         file, line = source.where(("train", "epochs"))
         raise SpecError("give train.epochs or train.max_steps (both are null)", file=file, line=line,
                         path="train.epochs")
-    known = DATASETS.get(spec.data.name)
+    known = DATA_SETS.lookup(spec.data.name).shape
     if known and ((spec.input.channels, spec.input.size) != known[:2] or spec.classes != known[2]):
         channels, size, classes = known
         file, line = source.where(("data", "name"))

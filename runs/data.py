@@ -22,7 +22,7 @@ from arches.errors import ReslabError
 from arches.schema import DataSpec, Spec
 
 from .batches import SPLIT, TEST_SUBSET, TensorBatches, channel_mean_std, epoch_generator
-from .datasets import DATA_SETS, Arrays
+from .datasets import Arrays, data_source
 from .imagefolder import (EncodedBatch, FolderImages, GpuDecoder, ResumableLoader, ShardSampler, channel_stats,
                           collate_encoded, scan, torchvision_io)
 
@@ -59,7 +59,7 @@ class Split:
 
 def find_data_root(data: DataSpec) -> Optional[Path]:
     """The folder holding data.name's files (see runs.datasets); None for synthetic data."""
-    return DATA_SETS[data.name].find(data)
+    return data_source(data.name).find(data)
 
 
 def load_arrays(data: Union[DataSpec, Spec], seed: Optional[int] = None, *,
@@ -72,7 +72,7 @@ def load_arrays(data: Union[DataSpec, Spec], seed: Optional[int] = None, *,
         spec = data
         data, shape, classes = spec.data, (spec.input.channels, spec.input.size, spec.input.size), spec.classes
         seed = spec.train.seed if seed is None else seed
-    return DATA_SETS[data.name].read(data, shape, classes, seed or 0)
+    return data_source(data.name).read(data, shape, classes, seed or 0)
 
 
 # ---------------------------------------------------------------- splits and statistics
@@ -81,7 +81,7 @@ def val_count(data: DataSpec, n_train: int) -> int:
     """Number of training images held out for validation: data.val_size as a count, or a fraction if < 1."""
     size = data.val_size
     count = round(size * n_train) if 0 < size < 1 else int(size)
-    cap = DATA_SETS[data.name].max_val_fraction       # small generated sets: at most this share goes to validation
+    cap = data_source(data.name).max_val_fraction       # small generated sets: at most this share goes to validation
     if cap is not None:
         count = min(count, int(n_train * cap))
     if count < 0 or count >= n_train:
@@ -103,7 +103,7 @@ def split_indices(n_train: int, n_test: int, data: DataSpec, seed: int) -> Split
 
 def standard_augment(data: DataSpec) -> str:
     """data.augment, or the data set's standard: crop_flip for the 32x32/28x28 sets, rrc_flip for folders."""
-    return data.augment or DATA_SETS[data.name].augment
+    return data.augment or data_source(data.name).augment
 
 
 # ---------------------------------------------------------------- the Lightning data module
@@ -174,7 +174,7 @@ class ReslabData(pl.LightningDataModule):
     def check(self) -> None:
         """Read the data now, before anything is recorded: a missing or corrupt file fails here, in one line. The
         arrays read are kept for setup()."""
-        if DATA_SETS[self.spec.data.name].in_memory:
+        if data_source(self.spec.data.name).in_memory:
             self._arrays = load_arrays(self.spec)
         else:
             root = find_data_root(self.spec.data)
@@ -185,7 +185,7 @@ class ReslabData(pl.LightningDataModule):
         rank, world = self._rank_world()
         device = self._data_device()
         if self._ready_for != (rank, world, device):
-            if DATA_SETS[self.spec.data.name].in_memory:
+            if data_source(self.spec.data.name).in_memory:
                 self._setup_arrays(device)
             else:
                 self._setup_folder()
@@ -265,7 +265,7 @@ class ReslabData(pl.LightningDataModule):
         train, spec = which == "train", self.spec
         batch = self.batch_size if train else self.eval_batch_size
         limit = spec.train.limit_batches if train else None
-        if DATA_SETS[spec.data.name].in_memory:
+        if data_source(spec.data.name).in_memory:
             images, labels = self._sets[which]
             epoch_fn = lambda: self.trainer.current_epoch if self.trainer is not None else None  # noqa: E731
             return TensorBatches(images, labels, batch_size=batch, mean=self.mean, std=self.std, train=train,

@@ -1,7 +1,8 @@
 """The named data sets: where their files are looked for, how they are downloaded and read, their standard
-augmentation. One small class per data set in a registry keyed by `data.name`:
+augmentation. One small class per data set in arches' registry DATA_SETS, keyed by `data.name` (the schema checks
+the names against it, arches.spec the shapes):
 
-    source = DATA_SETS[spec.data.name]
+    source = data_source(spec.data.name)
     folder = source.find(spec.data)          # the folder with its files (one-line ReslabError when none)
     arrays = source.load(folder)             # uint8 NCHW images and labels (sets held in memory)
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from arches.errors import ReslabError, first_line
+from arches.registry import DATA_SETS
 from arches.schema import DataSpec
 
 from .batches import SYNTHETIC, epoch_generator
@@ -61,6 +63,7 @@ class DataSource:
     folder: ClassVar[str] = ""                 # its subfolder name under data.root, $RESLAB_DATA and the cache
     system_folder: ClassVar[Optional[Path]] = None   # where a system package installs the files
     max_val_fraction: ClassVar[Optional[float]] = None   # a cap on data.val_size (small generated sets)
+    shape: ClassVar[Optional[tuple[int, int, int]]] = None   # channels, side, classes (None: any; checked by arches)
 
     def read(self, data: DataSpec, shape: tuple[int, int, int], classes: int, seed: int) -> Arrays:
         """The whole data set as arrays (shape, classes, seed: for generated sets)."""
@@ -135,9 +138,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+@DATA_SETS.register("fashion-mnist")
 class FashionMNIST(DataSource):
     """Fashion-MNIST: four IDX files (.gz or not), 60k train and 10k test images, 1x28x28, 10 classes."""
-    name, folder = "fashion-mnist", "fashion-mnist"
+    folder, shape = "fashion-mnist", (1, 28, 10)
     APT_PACKAGE = "dataset-fashion-mnist"
     system_folder = Path("/usr/share/datasets/fashion-mnist")
     FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -206,11 +210,11 @@ def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
 
 class Cifar(DataSource):
     """CIFAR-10 / CIFAR-100 from the official python batches: 50k train and 10k test images, 3x32x32."""
-
-    def __init__(self, name: str, folder: str, train: list[str], test: list[str], label_key: bytes, classes: int,
-                 url: str):
-        self.name, self.folder, self.train, self.test = name, folder, train, test
-        self.label_key, self.classes, self.url = label_key, classes, url
+    train: ClassVar[list[str]] = []            # the training batches' file names
+    test: ClassVar[list[str]] = []             # the test batches'
+    label_key: ClassVar[bytes] = b""           # the labels' key in a batch
+    classes: ClassVar[int] = 0
+    url: ClassVar[str] = ""                    # the official tarball
 
     def has_files(self, folder: Path) -> bool:
         return all((folder / f).exists() for f in self.train + self.test)
@@ -242,9 +246,23 @@ class Cifar(DataSource):
 
 # ---------------------------------------------------------------- image folders and synthetic images
 
+@DATA_SETS.register("cifar10")
+class Cifar10(Cifar):
+    folder, shape = "cifar-10-batches-py", (3, 32, 10)
+    train, test = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+    label_key, classes, url = b"labels", 10, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+@DATA_SETS.register("cifar100")
+class Cifar100(Cifar):
+    folder, shape, train, test = "cifar-100-python", (3, 32, 100), ["train"], ["test"]
+    label_key, classes, url = b"fine_labels", 100, "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+@DATA_SETS.register("imagefolder")
 class ImageFolder(DataSource):
     """root/train/<class>/*.jpg|png and root/val/<class>/...: decoded batch by batch (runs.imagefolder)."""
-    name, augment, in_memory = "imagefolder", "rrc_flip", False
+    augment, in_memory = "rrc_flip", False
 
     def find(self, data: DataSpec) -> Path:
         root = data.root or os.environ.get("RESLAB_DATA")
@@ -263,9 +281,10 @@ class ImageFolder(DataSource):
                           path="data.name")
 
 
+@DATA_SETS.register("synthetic")
 class Synthetic(DataSource):
     """Random images from the seed, each a class template plus noise: learnable, nothing to read."""
-    name, augment, max_val_fraction = "synthetic", "none", 0.25
+    augment, max_val_fraction = "none", 0.25
 
     def find(self, data: DataSpec) -> None:
         return None
@@ -284,12 +303,7 @@ class Synthetic(DataSource):
         return Arrays(*make(size), *make(max(1, size // 4)), num_classes=classes)
 
 
-DATA_SETS: dict[str, DataSource] = {s.name: s for s in (
-    FashionMNIST(),
-    Cifar("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10,
-          "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    Cifar("cifar100", "cifar-100-python", ["train"], ["test"], b"fine_labels", 100,
-          "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-    ImageFolder(),
-    Synthetic(),
-)}
+
+def data_source(name: str) -> DataSource:
+    """The registered data set `name` (data.name, checked by the schema)."""
+    return DATA_SETS.lookup(name)()

@@ -15,7 +15,6 @@ epoch; `resume=run_id` downloads it from there, so a run continues on any machin
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -274,9 +273,3 @@ def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
         lines.append(f"see it: mlflow ui --backend-store-uri {tracking_uri}   (or: python cli.py ui)")
     return lines
 
-
-def json_result(result: RunResult) -> str:
-    """The RunResult as JSON (for scripts)."""
-    return json.dumps({"run_id": result.run_id, "status": result.status, "metrics": result.metrics,
-                       "checkpoint": result.checkpoint, "reason": result.reason, "model_uri": result.model_uri,
-                       "model_version": result.model_version, "model_error": result.model_error}, indent=2)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from arches.registry import OPTIMIZERS, SCHEDULES
 from arches.schema import TrainSpec
 
 # torch.optim.lr_scheduler.OneCycleLR's defaults: start at lr/25, peak at pct_start, end at lr/25/1e4.
@@ -59,27 +60,49 @@ class LrSchedule:
 
     def schedule(self, step: int) -> float:
         """Schedule factor without warmup."""
-        if self.type == "multistep":
-            return self.gamma ** sum(step >= m for m in self.milestones)
-        if self.type == "cosine":
-            t = min(step, self.total) / self.total
-            return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-        if self.type == "onecycle":
-            return _onecycle(step, self.total)
+        return SCHEDULES.lookup(self.type).factor(self, step)
+
+
+# ---- schedules (train.schedule.type): the lr factor at a step, warmup aside ----
+@SCHEDULES.register("constant")
+class Constant:
+    @staticmethod
+    def factor(s: LrSchedule, step: int) -> float:
+        """1 throughout."""
         return 1.0
 
 
-def _onecycle(step: int, total: int) -> float:
-    """torch's OneCycleLR (cosine, two phases, no momentum cycling) as a factor of the peak lr."""
-    start, peak = 1.0 / ONECYCLE_DIV, 1.0
-    end = start / ONECYCLE_FINAL_DIV
-    up_end = ONECYCLE_PCT_START * total - 1
-    if step <= up_end:
-        a, b, pct = start, peak, step / up_end if up_end > 0 else 1.0
-    else:
-        a, b, pct = peak, end, (step - up_end) / max(total - 1 - up_end, 1e-12)
-    pct = min(pct, 1.0)
-    return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1.0)
+@SCHEDULES.register("multistep")
+class MultiStep:
+    @staticmethod
+    def factor(s: LrSchedule, step: int) -> float:
+        """gamma to the number of milestones passed."""
+        return s.gamma ** sum(step >= m for m in s.milestones)
+
+
+@SCHEDULES.register("cosine")
+class Cosine:
+    @staticmethod
+    def factor(s: LrSchedule, step: int) -> float:
+        """A half cosine from 1 down to the floor at the run's last step."""
+        t = min(step, s.total) / s.total
+        return s.floor + (1.0 - s.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@SCHEDULES.register("onecycle")
+class OneCycle:
+    @staticmethod
+    def factor(s: LrSchedule, step: int) -> float:
+        """torch's OneCycleLR (cosine, two phases, no momentum cycling) as a factor of the peak lr."""
+        start, peak = 1.0 / ONECYCLE_DIV, 1.0
+        end = start / ONECYCLE_FINAL_DIV
+        up_end = ONECYCLE_PCT_START * s.total - 1
+        if step <= up_end:
+            a, b, pct = start, peak, step / up_end if up_end > 0 else 1.0
+        else:
+            a, b, pct = peak, end, (step - up_end) / max(s.total - 1 - up_end, 1e-12)
+        pct = min(pct, 1.0)
+        return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1.0)
 
 
 def lr_schedule(train: TrainSpec, steps_per_epoch: int) -> LrSchedule:
@@ -104,13 +127,28 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_and_bias: bool)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or AdamW with the spec's lr and weight-decay groups."""
-    groups = param_groups(model, train.weight_decay, train.decay_bn_and_bias)
-    if train.optimizer == "adamw":
+# ---- optimizers (train.optimizer) ----
+@OPTIMIZERS.register("sgd")
+class SGD:
+    @staticmethod
+    def build(groups: list[dict], train: TrainSpec) -> torch.optim.Optimizer:
+        """SGD with the spec's momentum (nesterov only with momentum)."""
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
+                               nesterov=train.nesterov and train.momentum > 0)
+
+
+@OPTIMIZERS.register("adamw")
+class AdamW:
+    @staticmethod
+    def build(groups: list[dict], train: TrainSpec) -> torch.optim.Optimizer:
+        """AdamW at the spec's lr (its weight decay per group)."""
         return torch.optim.AdamW(groups, lr=train.lr)
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
-                           nesterov=train.nesterov and train.momentum > 0)
+
+
+def build_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+    """The spec's optimizer with its lr and weight-decay groups."""
+    groups = param_groups(model, train.weight_decay, train.decay_bn_and_bias)
+    return OPTIMIZERS.lookup(train.optimizer).build(groups, train)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec,

@@ -41,7 +41,6 @@ BATCH = 100                    # params or tags per log_batch call,
 METRIC_BATCH = 1000            # metrics per log_batch call
 METRIC_KEYS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "lr",
                "images_per_s")
-TEST_KEYS = ("test/loss", "test/acc", "test/error")
 STATE_TAG = "state"            # how a run ended, in reslab's words: FINISHED | FAILED | INTERRUPTED | PRUNED |
 FAILURE_TAG = "failure_reason"  # COMPLETE (a study's trial); and why, when it failed
 NOTE_TAG = "mlflow.note.content"   # the description MLflow's UI shows for an experiment or a run

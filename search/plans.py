@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterable, Optional
 from arches import Spec, spec_from_dict, spec_hash
 from arches.spec import Override, Source
 
+from .choices import PRUNERS, SAMPLERS
 from .dimensions import Dimension
 from .settings import Setting, apply_setting
 
@@ -59,7 +60,7 @@ class StudyDesign:
     source: Source
     metrics: list[Metric] = field(default_factory=list)  # ablation: reported metrics (first = objective)
     overrides: list[Override] = field(default_factory=list)  # the command line's --set
-    max_attempts: int = 3                                # a cell (or retry chain) whose worker died this often is given up
+    max_attempts: int = 3                                # a cell whose worker died this often is given up
     description: str = ""                                # `description:`, else the file's header comment
     devices_per_trial: Optional[int] = None              # the file's devices_per_trial (the study's: search.study)
     devices_line: Optional[int] = None                   # where the file says it
@@ -92,9 +93,7 @@ class StudyDesign:
 
     def make_pruner(self) -> Any:
         """Optuna's pruner."""
-        import optuna
-
-        return optuna.pruners.NopPruner()
+        return PRUNERS.lookup("none").make(0)
 
     def start_trial(self, trial: Any) -> TrialStart:
         """The values, settings and run of an Optuna trial (enqueued values come back; others are sampled)."""
@@ -192,9 +191,7 @@ class AblationPlan(StudyDesign):
         return [{"arm": a, "seed": s} for a, s in self.cells()]
 
     def make_sampler(self, worker: int, workers: int) -> Any:
-        import optuna
-
-        return optuna.samplers.RandomSampler(seed=None)   # (every trial is enqueued: nothing is sampled)
+        return SAMPLERS.lookup("random").make(None, workers)   # (every trial is enqueued: nothing is sampled)
 
     def cell_of(self, trial: Any) -> tuple[str, int]:
         """The (arm, seed) an enqueued ablation trial was given."""
@@ -241,7 +238,7 @@ class AblationPlan(StudyDesign):
 class SearchPlan(StudyDesign):
     """A space Optuna samples (or a grid it walks), judged on one or more objectives."""
     dimensions: list[Dimension] = field(default_factory=list)
-    sampler: str = "tpe"                                 # tpe | random | grid | nsga2
+    sampler: str = "tpe"                                 # a name in search.choices.SAMPLERS
     sampler_seed: Optional[int] = None                   # worker w seeds its sampler with sampler_seed + 1000 w
     pruner: Any = None                                   # PrunerSpec
     trials: int = 0                                      # the budget, over all workers and restarts
@@ -253,10 +250,10 @@ class SearchPlan(StudyDesign):
 
     @property
     def prune_metric(self) -> Optional[str]:
-        return self.pruner.metric if self.pruner is not None and self.pruner.type != "none" else None
+        return self.pruner.metric if self.pruner is not None and PRUNERS.lookup(self.pruner.type).prunes else None
 
     def fixed_cells(self) -> Optional[list[dict]]:
-        if self.sampler != "grid":
+        if not SAMPLERS.lookup(self.sampler).walks_grid:
             return None
         keys = [d.key for d in self.dimensions]
         grid = [dict(zip(keys, combo)) for combo in itertools.product(*(d.grid_values() for d in self.dimensions))]
@@ -266,28 +263,13 @@ class SearchPlan(StudyDesign):
         return self.fixed_cells() is None and used < self.trials
 
     def make_sampler(self, worker: int, workers: int) -> Any:
-        import warnings
-
-        import optuna
-
         seed = None if self.sampler_seed is None else self.sampler_seed + 1000 * worker
-        if self.sampler in ("random", "grid"):
-            return optuna.samplers.RandomSampler(seed=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self.sampler == "nsga2":
-                return optuna.samplers.NSGAIISampler(seed=seed)
-            return optuna.samplers.TPESampler(seed=seed, constant_liar=workers > 1)
+        return SAMPLERS.lookup(self.sampler).make(seed, workers)
 
     def make_pruner(self) -> Any:
-        import optuna
-
-        p = self.pruner
-        if p is None or p.type == "none":
-            return optuna.pruners.NopPruner()
-        if p.type == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs))
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+        if self.pruner is None:
+            return super().make_pruner()
+        return PRUNERS.lookup(self.pruner.type).make(self.pruner.warmup_epochs)
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Draw one value per dimension (enqueued retries get their fixed values back)."""

@@ -24,11 +24,13 @@ import itertools
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from arches.errors import Locator, ReslabError, SpecError, did_you_mean, located
+from arches.schema import Strict  # unknown keys rejected, finite numbers
 from arches.spec import Override, Source, build_document, display_path, parse_override, read_yaml
 
+from .choices import PRUNERS, SAMPLERS
 from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
 from .matching import match_arms
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
@@ -38,15 +40,10 @@ from .settings import Setting, apply_setting, expand_key  # noqa: F401  (search.
 RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "test/loss",
                "test/acc", "test/error", "lr", "images_per_s")
 COST_METRICS = ("params", "macs", "latency_ms")
-SAMPLERS = ("tpe", "random", "grid", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
 OPTUNA_SCALARS = (str, int, float, bool, type(None))
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
+SamplerName = Annotated[Any, AfterValidator(lambda v: SAMPLERS.check(v))]   # a name in search.choices.SAMPLERS
+PrunerName = Annotated[Any, AfterValidator(lambda v: PRUNERS.check(v))]     # ... in PRUNERS
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]        # what train.seed accepts
 
 
@@ -87,7 +84,7 @@ class RangeSpec(Strict):
 
 
 class PrunerSpec(Strict):
-    type: Literal["median", "hyperband", "none"] = "median"
+    type: PrunerName = "median"
     metric: str = "val/error"                            # per-epoch metric the pruner watches
     warmup_epochs: int = Field(1, ge=0, le=10**6)        # never prune before this many epochs
 
@@ -95,9 +92,9 @@ class PrunerSpec(Strict):
 class SearchSpec(Strict):
     space: dict[str, Any]            # key -> list of values | {low, high, log, step} | {label: overrides}
     objectives: list[Union[str, MetricSpec]] = ["val/error"]
-    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    sampler: SamplerName = "tpe"
     sampler_seed: Optional[Seed] = None
-    pruner: Optional[Union[Literal["median", "hyperband", "none"], PrunerSpec]] = None  # null: median if 1 objective
+    pruner: Optional[Union[PrunerName, PrunerSpec]] = None  # null: median if 1 objective
     trials: int = Field(20, ge=1, le=100_000)            # total over all workers and restarts
     timeout: Optional[float] = Field(None, gt=0, le=10**8)  # seconds per command; no new trial starts after it
     max_attempts: int = Field(3, ge=1, le=100)
@@ -291,12 +288,12 @@ def _load_search(spec: SearchSpec, where: Locator) -> tuple[list[Dimension], lis
         pruner = PrunerSpec(type="median" if len(metrics) == 1 else "none")
     elif isinstance(pruner, str):
         pruner = PrunerSpec(type=pruner)
-    if pruner.type != "none" and len(metrics) > 1:
+    if PRUNERS.lookup(pruner.type).prunes and len(metrics) > 1:
         raise where.error("Optuna cannot prune multi-objective studies; use pruner: none", "search", "pruner")
     if pruner.metric not in RUN_METRICS:
         raise where.error(f"unknown metric '{pruner.metric}'{did_you_mean(pruner.metric, RUN_METRICS)}",
                           "search", "pruner", "metric")
-    if spec.sampler == "grid":
+    if SAMPLERS.lookup(spec.sampler).walks_grid:
         for d in dims:
             if d.grid_values() is None:
                 raise where.error("sampler grid needs a step on float ranges (or a list of values)",
@@ -368,7 +365,8 @@ def _ablation_plan(spec: AblationSpec, common: dict, where: Locator,
 def _search_plan(spec: SearchSpec, common: dict, where: Locator, match_multipliers: Any = None) -> SearchPlan:
     """The checked SearchPlan of a `search:` section (the space's corners built once)."""
     dimensions, metrics, pruner = _load_search(spec, where)
-    trials = grid_size(dimensions) if spec.sampler == "grid" and "trials" not in spec.model_fields_set else spec.trials
+    walks_grid = SAMPLERS.lookup(spec.sampler).walks_grid
+    trials = grid_size(dimensions) if walks_grid and "trials" not in spec.model_fields_set else spec.trials
     plan = SearchPlan(**common, dimensions=dimensions, metrics=metrics, pruner=pruner, sampler=spec.sampler,
                       sampler_seed=spec.sampler_seed, trials=trials, timeout=spec.timeout,
                       max_attempts=spec.max_attempts, importance=spec.importance)

@@ -4,8 +4,8 @@ Every worker loops: under the study lock it fails stale trials (workers that sto
 enqueues what is missing (ablation cells and grid points that never ran or whose attempt died; retries of
 dead search trials) and claims the next trial; then it trains that trial outside the lock with a heartbeat
 thread running. The loop is Optuna's ask-and-tell interface (study.ask, study.tell) and the storage's public
-methods only (a trial's storage id from its study name and number, for the heartbeat). So no ablation cell runs twice, the trial budget holds across workers and machines, and a
-restart loses nothing that finished.
+methods only (a trial's storage id from its study name and number, for the heartbeat). So no ablation cell runs
+twice, the trial budget holds across workers and machines, and a restart loses nothing that finished.
 
 A study fixes, when it is made, the CPU threads and the devices of every trial (`devices_per_trial` K): a trial
 of K devices trains with Lightning DDP over K GPUs (K CPU processes with gloo); its worker is rank 0, the only
