@@ -197,12 +197,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from search import options_from_args, print_report, run_study
+    from search import options_from_args, print_report, study_run
 
     from search.kinds import KIND_OF_COMMAND
 
-    summary = run_study(options_from_args(args, kind=KIND_OF_COMMAND[args.command]))
-    print(json.dumps(summary, indent=2)) if args.json else print_report(summary)
+    report = study_run(options_from_args(args, kind=KIND_OF_COMMAND[args.command]))
+    print(json.dumps(report.to_json(), indent=2)) if args.json else print_report(report)
     return 0
 
 
@@ -211,11 +211,11 @@ def cmd_search(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from search import print_report, report_study
+    from search import print_report, study_report
 
-    summary = report_study(args.study, storage=args.storage, output_dir=args.output_dir,
-                           tracking_uri=args.tracking_uri)
-    print(json.dumps(summary, indent=2)) if args.json else print_report(summary)
+    report = study_report(args.study, storage=args.storage, output_dir=args.output_dir,
+                          tracking_uri=args.tracking_uri)
+    print(json.dumps(report.to_json(), indent=2)) if args.json else print_report(report)
     return 0
 
 

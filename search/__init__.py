@@ -1,15 +1,17 @@
 """reslab's study side: ablations and Optuna searches over specs, their workers, records and reports.
 
     plan = load_study_file("specs/ablations/shortcuts.yaml", ["train.epochs=2"])   # checked, one-line errors
-    summary = run_study(StudyOptions("specs/ablations/shortcuts.yaml", workers=2))  # train every trial
-    print_report(report_study("shortcuts"))                                        # n, mean ± std, Δ, CI, p
+    report = study_run(StudyOptions("specs/ablations/shortcuts.yaml", workers=2))  # train every trial
+    print_report(study_report("shortcuts"))                                        # n, mean ± std, Δ, CI, p
+    (run_study and report_study: the same reports as JSON)
 """
 from __future__ import annotations
 
 import argparse
 
 __all__ = ["AblationPlan", "SearchPlan", "StudyDesign", "StudyOptions", "add_study_arguments", "load_study_file",
-           "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of"]
+           "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of",
+           "study_report", "study_run"]
 
 
 def __getattr__(name: str):  # heavy modules (torch, optuna, mlflow) load on first use
@@ -19,10 +21,10 @@ def __getattr__(name: str):  # heavy modules (torch, optuna, mlflow) load on fir
     if name in ("load_study_file", "study_name_of"):
         from . import space
         return getattr(space, name)
-    if name in ("StudyOptions", "run_study"):
+    if name in ("StudyOptions", "run_study", "study_run"):
         from . import study
         return getattr(study, name)
-    if name in ("print_report", "report_study"):
+    if name in ("print_report", "report_study", "study_report"):
         from . import report
         return getattr(report, name)
     if name == "serve_ui":

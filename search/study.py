@@ -41,7 +41,7 @@ from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
 from . import keys, recording
 from .objective import TrialContext, record, run_trial
-from .report import finalize
+from .report import StudyReport, finalize
 from .kinds import STUDY_KINDS
 from .plans import StudyDesign
 from .space import load_study_file
@@ -534,12 +534,17 @@ def wait_workers(procs: list[tuple[subprocess.Popen, Path]]) -> list[str]:
 
 
 def run_study(opts: StudyOptions) -> dict:
+    """study_run's report as JSON."""
+    return study_run(opts).to_json()
+
+
+def study_run(opts: StudyOptions) -> StudyReport:
     """Load the file, create/resume the study, run its workers, then record and return the report."""
     with quiet():
         return _run_study(opts)
 
 
-def _run_study(opts: StudyOptions) -> dict:
+def _run_study(opts: StudyOptions) -> StudyReport:
     opts = opts.resolved()
     if opts.workers is not None and opts.workers < 1:
         raise ReslabError("must be at least 1", file="--workers")
@@ -583,9 +588,9 @@ def _run_study(opts: StudyOptions) -> dict:
     except BaseException:        # a worker's error: close the parent run rather than leave it RUNNING
         client.set_terminated(prepared.parent_run_id, status="FAILED")
         raise
-    summary = finalize(opts.storage, plan.name, client, storage=storage, interrupted=interrupted)
+    report = finalize(opts.storage, plan.name, client, storage=storage, interrupted=interrupted)
     if errors:
         raise ReslabError(errors[0])
     if interrupted:
         raise KeyboardInterrupt
-    return summary
+    return report
