@@ -87,7 +87,7 @@ def cmd_show(args) -> int:
 
     spec = load_network_spec(args.spec, args.overrides)
     cost = complexity(spec)
-    init = init_from_report(spec)
+    init = init_from_report(spec, args.tracking_uri, args.output_dir)
     if args.json:
         print(json.dumps({**cost.to_dict(), **({"init": init.to_dict()} if init else {})}, indent=2))
     else:
@@ -97,8 +97,9 @@ def cmd_show(args) -> int:
     return 0
 
 
-def init_from_report(spec):
-    """What the spec's `init_from` loads (None without one); a run id is resolved as `run` resolves it."""
+def init_from_report(spec, tracking_uri=None, output_dir="outputs"):
+    """What the spec's `init_from` loads (None without one); a run id is resolved as `run` resolves it (in
+    --tracking-uri, else the store in --output-dir)."""
     from arches.compile import init_report
     from arches.init import is_run_id
 
@@ -106,7 +107,9 @@ def init_from_report(spec):
         return None
     resolve = None
     if is_run_id(spec.init_from):
-        from runs.checkpoint import init_checkpoint as resolve
+        from runs.checkpoint import InitCheckpoint
+
+        resolve = InitCheckpoint(tracking_uri, output_dir)
     return init_report(spec, resolve)
 
 
@@ -232,6 +235,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("show", help="print a spec's stages, output shapes, params and MACs")
     add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print the complexity as JSON")
+    p.add_argument("--output-dir", default="outputs", help="where the MLflow store of an init_from run id lives")
+    p.add_argument("--tracking-uri", help="MLflow store of an init_from run id (default: $MLFLOW_TRACKING_URI, "
+                                          "else sqlite:///OUTPUT_DIR/mlflow.db)")
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("validate", help="check spec, ablation and search files; exit 0 when all are valid")

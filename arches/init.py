@@ -12,11 +12,13 @@ runs.checkpoint), since arches knows nothing of MLflow.
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -29,6 +31,7 @@ WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "network")   # whe
 PREFIXES = ("module.", "model.", "_orig_mod.")
 ALIASES = ((r"^linear\.", "fc."), (r"\.shortcut\.", ".downsample."))        # the common CIFAR ResNets' names
 OPTIONAL = ("num_batches_tracked",)   # BN counters: files written before PyTorch 0.4.1 lack them
+SAFETENSORS_HEADER_LIMIT = 100 << 20   # bytes of JSON header read at most (the format's own limit: 100 MB)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -77,24 +80,52 @@ def is_run_id(ref: str) -> bool:
 
 
 def read_safetensors(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
-    """A .safetensors file's tensors (8-byte header length, JSON header, raw little-endian data)."""
+    """A .safetensors file's tensors (8-byte header length, JSON header, raw little-endian data), every entry
+    checked against the file first: a truncated or forged file is NotAStateDict, never a reshape error."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, SAFETENSORS_HEADER_LIMIT):
+            raise NotAStateDict(f"not a safetensors file (its header says {length} bytes, the file has {size})")
         try:
-            header = json.loads(f.read(size))
+            header = json.loads(f.read(length))
         except (ValueError, MemoryError, OverflowError):
             raise NotAStateDict("not a safetensors file (no JSON header)") from None
+        if not isinstance(header, dict):
+            raise NotAStateDict("not a safetensors file (its header is not a JSON object)")
+        entries = {name: safetensors_entry(name, info, size - 8 - length)
+                   for name, info in header.items() if name != "__metadata__"}
         data = b"" if meta else f.read()
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+    for name, (dtype, shape, start, end) in entries.items():
         if meta or start == end:
             out[name] = torch.empty(shape, dtype=dtype, device="meta" if meta else "cpu")
         else:
             out[name] = torch.frombuffer(bytearray(data[start:end]), dtype=dtype).reshape(shape)
     return out
+
+
+def safetensors_entry(name: str, info: Any, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, checked: a known dtype, a shape, offsets inside the file's
+    `data_size` bytes of data that hold exactly that many elements."""
+    bad = f"tensor '{name}'"
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in SAFETENSORS_DTYPES:
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        raise NotAStateDict(f"{bad} has dtype {dtype!r}; reslab reads {', '.join(SAFETENSORS_DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(type(d) is int and d >= 0 for d in shape)):
+        raise NotAStateDict(f"{bad} has no valid shape (got {shape!r})")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise NotAStateDict(f"{bad} has no valid data_offsets (got {offsets!r})")
+    dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], offsets
+    if end > data_size:
+        raise NotAStateDict(f"truncated: {bad} ends at byte {end} of the data, the file holds {data_size}")
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - start != expected:
+        raise NotAStateDict(f"{bad} has shape {shape} ({info['dtype']}), which needs {expected} bytes; its offsets "
+                            f"give {end - start}")
+    return dtype, shape, start, end
 
 
 def read_state_dict(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
@@ -110,13 +141,7 @@ def read_state_dict(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")        # (pickle protocol notes: the error below says what matters)
             obj = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a pickle of code, a corrupt zip, ...)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise NotAStateDict(f"it pickles a {found.group(1)}, which weights_only=True does not load (save the "
-                                f"model's state_dict() instead)") from None
-        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        raise NotAStateDict("torch.load(weights_only=True) cannot read it: "
-                            f"{why.group(1) if why else first_line(e) or type(e).__name__}") from None
+        raise NotAStateDict(refusal(e)) from None
     candidates = ([obj.get(k) for k in WRAPPERS] if isinstance(obj, dict) else []) + [obj]
     tensors = [{k: v for k, v in c.items() if isinstance(v, torch.Tensor)} for c in candidates if isinstance(c, dict)]
     for state in sorted(tensors, key=lambda t: -len(t)):    # the wrapper (or the file) holding the most tensors
@@ -124,6 +149,21 @@ def read_state_dict(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
             return state
     what = f"a dict of {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
     raise NotAStateDict(f"it holds {what}, no tensors")
+
+
+def refusal(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) did not load a file, in one line: what it pickles when it pickles code,
+    never PyTorch's advice to load it again with the check off (reslab runs no pickled code)."""
+    text, first = str(e), first_line(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it pickles a {found.group(1)}, which weights_only=True does not load (reslab runs no pickled "
+                f"code; save the model's state_dict() instead)")
+    why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if why or isinstance(e, pickle.UnpicklingError) or "weights_only" in first:
+        detail = f" ({why.group(1).strip()})" if why else ""
+        return f"it holds pickled Python objects{detail}; reslab loads only tensors and plain data (weights_only=True)"
+    return f"torch.load(weights_only=True) cannot read it: {first or type(e).__name__}"
 
 
 def rename(keys: list[str], name_map: dict[str, str], rules: Optional[dict] = None) -> dict[str, str]:
@@ -175,8 +215,10 @@ def init_path(spec: Spec, resolve: Optional[Resolve] = None) -> Optional[Path]:
         return path
     if is_run_id(ref):
         return resolve(ref) if resolve is not None else None
-    if path.exists():
+    if path.is_dir():
         raise _fail(spec, f"{ref} is a folder, not a weights file")
+    if path.exists():
+        raise _fail(spec, f"{ref} is not a regular file (a device, a pipe?), not a weights file")
     raise _fail(spec, f"no such file '{ref}' (nor an MLflow run id: 32 hex digits)")
 
 
@@ -185,6 +227,8 @@ def _read(spec: Spec, path: Path, meta: bool) -> dict[str, torch.Tensor]:
         return read_state_dict(path, meta=meta)
     except NotAStateDict as e:
         raise _fail(spec, f"{path} is not a state_dict: {e}") from None
+    except OSError as e:                     # unreadable (permissions, a file gone meanwhile, an I/O error)
+        raise _fail(spec, f"cannot read {path}: {e.strerror or first_line(e)}") from None
 
 
 def checked(spec: Spec, path: Path, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> InitReport:

@@ -206,10 +206,17 @@ class Spec(Strict):
     @field_validator("init_map")
     @classmethod
     def _init_map_patterns(cls, v: dict[str, str]) -> dict[str, str]:
-        for pattern in v:
+        for pattern, replacement in v.items():
             try:
-                re.compile(pattern)
+                compiled = re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+            try:
+                compiled.sub(replacement, "")     # parses the replacement: its escapes and group references
+            except (re.error, IndexError) as e:   # (IndexError: an unknown group name)
+                raise ValueError(f"replacement '{replacement}' of '{pattern}': {e} (the pattern has "
+                                 f"{compiled.groups} group{'s' if compiled.groups != 1 else ''}"
+                                 f"{': ' + ', '.join(compiled.groupindex) if compiled.groupindex else ''}; "
+                                 f"write a backslash as \\\\)") from None
         return v  # arches.spec.Source: files, lines, base, overrides
 

@@ -8,8 +8,8 @@ is rebuilt from the checkpoint alone. A run recorded in a local store keeps its 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote, urlparse
@@ -19,6 +19,7 @@ import torch
 
 from arches import Network, Spec, build_model, spec_from_dict
 from arches.errors import ReslabError, first_line
+from arches.init import refusal
 
 from .tracking import client_for
 
@@ -89,12 +90,8 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
         raise ReslabError("not a checkpoint (a file written by torch.save / Lightning)", file=str(path))
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:       # weights_only refused an object: reslab never loads arbitrary pickles
-        raise ReslabError("the checkpoint holds Python objects besides tensors and plain data; reslab loads only "
-                          "tensors and plain data (weights_only=True)", file=str(path)) from None
-    except Exception as e:  # noqa: BLE001  (a truncated or corrupt archive, ...)
-        first = first_line(e) or type(e).__name__
-        raise ReslabError(f"cannot load checkpoint ({type(e).__name__}: {first})", file=str(path)) from None
+    except Exception as e:  # noqa: BLE001  (pickled objects, which reslab never loads; a truncated archive, ...)
+        raise ReslabError(f"cannot load checkpoint: {refusal(e)}", file=str(path)) from None
 
 
 def spec_of(checkpoint: dict, where: str = "checkpoint") -> Spec:
@@ -174,17 +171,30 @@ def resumable(client: Any, run: Any, output_dir: Union[str, Path]) -> bool:
     return _local_path(run.info.artifact_uri) is None and stored_checkpoint(client, run.info.run_id)
 
 
-def init_checkpoint(run_id: str) -> Path:
-    """The file a spec's `init_from: RUN_ID` starts from: that run's checkpoint, looked up in $MLFLOW_TRACKING_URI
-    (else the default store, outputs/mlflow.db). Passed to arches.build_model as `resolve`."""
-    return find_checkpoint(run_id, os.environ.get("MLFLOW_TRACKING_URI"))
+@dataclass(frozen=True)
+class InitCheckpoint:
+    """The file a spec's `init_from: RUN_ID` starts from: that run's checkpoint, in the MLflow store of the command
+    that builds the network. Passed to arches.build_model as `resolve`."""
+    tracking_uri: Optional[str] = None              # the command's --tracking-uri; None: $MLFLOW_TRACKING_URI, else
+    # ^ the store in output_dir
+    output_dir: Union[str, Path, None] = None       # the command's --output-dir (its mlflow.db and checkpoints/);
+    # ^ None: outputs
+
+    def __call__(self, run_id: str) -> Path:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or None
+        return find_checkpoint(run_id, uri, self.output_dir)
 
 
-def load_model(ref: Union[str, Path], tracking_uri: Optional[str] = None) -> tuple[Spec, Network]:
-    """(spec, network with trained weights, eval mode) from a .ckpt path or an MLflow run id."""
+init_checkpoint = InitCheckpoint()   # $MLFLOW_TRACKING_URI, else outputs/mlflow.db (a module built outside a command)
+
+
+def load_model(ref: Union[str, Path], tracking_uri: Optional[str] = None,
+               output_dir: Union[str, Path, None] = None) -> tuple[Spec, Network]:
+    """(spec, network with trained weights, eval mode) from a .ckpt path or an MLflow run id (looked up in
+    `tracking_uri`, else the store in `output_dir`)."""
     path = Path(str(ref)).expanduser()
     if not (path.suffix == ".ckpt" or path.exists()):
-        path = find_checkpoint(str(ref), tracking_uri)
+        path = find_checkpoint(str(ref), tracking_uri, output_dir)
     checkpoint = read_checkpoint(path)
     spec = spec_of(checkpoint, str(path))
     model = build_model(spec)

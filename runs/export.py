@@ -104,7 +104,7 @@ def export_model(ref: Union[str, Path], fmt: str, output: Optional[Union[str, Pa
     check_format(fmt)
     if tracking_uri is None and (Path(output_dir) / "mlflow.db").exists():
         tracking_uri = default_tracking_uri(output_dir)
-    spec, network = load_model(ref, tracking_uri)
+    spec, network = load_model(ref, tracking_uri, output_dir)
     network = network.eval()
     if output is None:
         given = Path(str(ref))

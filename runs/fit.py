@@ -32,7 +32,8 @@ from arches.errors import ReslabError, first_line
 
 from . import tracking
 from .callbacks import EpochBar, EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
-from .checkpoint import LAST, EpochCheckpoint, checkpoint_dir, fetch_checkpoint, read_checkpoint, spec_of
+from .checkpoint import (LAST, EpochCheckpoint, InitCheckpoint, checkpoint_dir, fetch_checkpoint, read_checkpoint,
+                         spec_of)
 from .data import ReslabData
 from .module import EpochSummary, ReslabModule
 from .quiet import quiet
@@ -219,7 +220,7 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
             data.prepare_data()
             if hasattr(data, "check"):
                 data.check()                      # missing or corrupt data: one line, before any run is created
-            module = ReslabModule(spec, plan)
+            module = ReslabModule(spec, plan, resolve=InitCheckpoint(uri, output_dir))   # init_from: RUN_ID here
             last = spec.train.channels_last
             module.channels_last = uses_cuda(spec) if last is None else bool(last)
             trainer, (summary, guard, ckpt) = build_trainer(spec, output_dir, progress, callbacks)

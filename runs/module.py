@@ -28,6 +28,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from arches import Spec, build_model, spec_from_dict
+from arches.init import Resolve
 from arches.plan import NetworkPlan
 
 from .checkpoint import init_checkpoint
@@ -77,11 +78,14 @@ def _as_logged(value: float) -> torch.Tensor:
 class ReslabModule(pl.LightningModule):
     """Cross-entropy training of `build_model(spec)` with the spec's optimizer, schedule and metrics."""
 
-    def __init__(self, spec: Union[Spec, dict], plan: Optional[NetworkPlan] = None):
+    def __init__(self, spec: Union[Spec, dict], plan: Optional[NetworkPlan] = None,
+                 resolve: Optional[Resolve] = None):
+        """`resolve`: turns `init_from: RUN_ID` into that run's checkpoint (default: runs.checkpoint.init_checkpoint,
+        $MLFLOW_TRACKING_URI else outputs/mlflow.db; a command passes its own store)."""
         super().__init__()
         self.spec: Spec = spec if isinstance(spec, Spec) else spec_from_dict(spec)
         self.save_hyperparameters({"spec": self.spec.model_dump(mode="json") if isinstance(spec, Spec) else spec})
-        self.model = build_model(self.spec, plan, init=True, resolve=init_checkpoint)   # init_from's weights, if any
+        self.model = build_model(self.spec, plan, init=True, resolve=resolve or init_checkpoint)   # init_from's weights, if any
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.train.label_smoothing)
         # ModuleDict keys cannot be 'train' (an nn.Module method): keys are 'train_', 'val_', 'test_'
         # nan_strategy="disable": MeanMetric's NaN check reads the tensor on the host, a GPU sync every step

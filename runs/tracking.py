@@ -391,9 +391,19 @@ def log_model(client: MlflowClient, run_id: str, network: Any, example: Any, *, 
 
 
 def check_model_name(name: str) -> str:
-    """A registered-model name MLflow accepts (one-line error for --register otherwise)."""
+    """A registered-model name MLflow accepts and stores whole: printable, at most as long as the registry's name
+    column (one-line error for --register otherwise)."""
+    from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel
     from mlflow.utils.validation import _validate_model_name
 
+    limit = SqlRegisteredModel.__table__.c.name.type.length      # MLflow's own limit (256 characters)
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        raise ReslabError(f"a model name cannot hold control or other unprintable characters (found {bad!r} at "
+                          f"position {name.index(bad)})", file="--register")
+    if len(name) > limit:
+        raise ReslabError(f"a model name has at most {limit} characters, as MLflow's registry stores them (got "
+                          f"{len(name)})", file="--register")
     try:
         _validate_model_name(name)
     except MlflowException as e:
