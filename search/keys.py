@@ -27,6 +27,8 @@ RETRY_OF = "reslab.retry_of"            # number of the trial this one retries
 ATTEMPT = "reslab.attempt"              # 1 for a first attempt
 THREADS = "reslab.threads"              # CPU threads the trial ran with ...
 DEVICE = "reslab.device"                # ... and where: cpu, or the GPU's name
+WORKER_MEMORY_MB = "reslab.worker_memory_mb"  # peak resident memory of the worker that ran it (capacity)
+WORKER = "reslab.worker"                # the process that claimed it: host, boot, pidns, pid, started (liveness)
 QUEUED = "fixed_params"                 # Optuna's own system attribute: the values a trial was enqueued with
 
 # Outcomes: a result (never run again) ...

@@ -39,7 +39,7 @@ from runs.fit import uses_cuda
 from runs.quiet import quiet
 from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
-from . import keys, recording
+from . import capacity, keys, liveness, recording
 from .objective import TrialContext, record, run_trial
 from .report import StudyReport, finalize
 from .kinds import STUDY_KINDS
@@ -363,6 +363,8 @@ def trial_id_of(storage: Any, trial: optuna.Trial) -> int:
 def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optional[float]) -> tuple[str, Any]:
     """Under the lock: fail stale trials, enqueue missing cells/retries, then claim a trial (or wait/stop)."""
     with study_lock(storage, plan.name):
+        for note in liveness.fail_orphans(study, storage, storage.grace_period):   # workers gone: retried at once
+            print(note, file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
@@ -377,6 +379,7 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optio
             warnings.simplefilter("ignore")          # "heartbeat is meant for Study.optimize": we beat ourselves
             trial = study.ask()
         trial_id = trial_id_of(storage, trial)
+        liveness.claim(trial)                       # who runs it (a worker gone on this machine: retried at once)
         if plan.fixed_cells() is not None and keys.QUEUED not in storage.get_trial(trial_id).system_attrs:
             # ask() found no queued cell to pop and made a fresh, sampled trial: a study of fixed cells never
             # runs one (it could repeat a cell). Close it as discarded and look again.
@@ -408,14 +411,19 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
                        Path(opts.output_dir), progress=opts.progress, worker=worker, client=client,
                        threads=prepared.threads, devices=prepared.devices)
     prefix = f"[worker {worker}] " if (opts.workers or 1) > 1 else ""
-    ran = 0
+    ran, waiting = 0, None
     while True:
         action, trial = _claim(study, storage, plan, opts.deadline)
         if action == STOP:
             return ran
         if action == WAIT:
+            note = liveness.waiting_note(study, storage.grace_period)
+            if note != waiting and note:                 # once per change of what it waits for
+                print(prefix + note, file=sys.stderr, flush=True)
+            waiting = note
             time.sleep(max(1, opts.heartbeat))
             continue
+        waiting = None
         cell = plan.cell_label(trial)
         ranks = f" on {prepared.devices} devices" if prepared.devices > 1 else ""
         print(f"{prefix}trial {trial.number}{cell} started{ranks}", flush=True)
@@ -432,7 +440,7 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
                                     reason=str(e))
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
-        if tell_outcome(study, trial, outcome, client):
+        if tell_outcome(study, trial, outcome, client, prepared.devices):
             print(prefix + _describe(plan, trial, outcome), flush=True)
         else:
             print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
@@ -451,11 +459,12 @@ def stale_note(trial: optuna.Trial, storage: Any) -> str:
             f"it is retried")
 
 
-def tell_outcome(study: optuna.Study, trial: optuna.Trial, outcome: Any, client: Any) -> bool:
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, outcome: Any, client: Any, devices: int = 1) -> bool:
     """Record the outcome on the trial and tell Optuna. False when the trial had meanwhile been failed as stale
     (its heartbeats stopped reaching the storage): Optuna retries it, so its MLflow run is ended FAILED too."""
     try:
         record(trial, outcome)
+        capacity.record_peak(trial, devices)          # what a worker needs (search.capacity)
         study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
         return True
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -569,6 +578,7 @@ def _run_study(opts: StudyOptions) -> StudyReport:
         gpus = check_devices(devices, plan, where)
     if opts.workers is None:
         opts.workers = len(gpus) // devices if gpus and devices > 1 else 1
+    capacity.check_workers(opts.workers, capacity.needs(plan, storage, trial_threads(plan), devices, gpus))
     if opts.progress is None and opts.workers > 1:
         opts.progress = False                 # several workers: one line per epoch, not interleaved bars
     prepared = prepare(plan, opts, storage, devices, where, client)
