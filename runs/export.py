@@ -11,6 +11,7 @@ the one it was traced with; their logits must match the eager network's within `
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from arches.errors import ReslabError, first_line
 
 from .checkpoint import LAST, load_model
 from .quiet import quiet
+from .stores import writable_folder
 from .tracking import default_tracking_uri
 
 FORMATS = ("torch.export", "onnx", "torchscript")
@@ -106,28 +108,44 @@ def export_model(ref: Union[str, Path], fmt: str, output: Optional[Union[str, Pa
         tracking_uri = default_tracking_uri(output_dir)
     spec, network = load_model(ref, tracking_uri, output_dir)
     network = network.eval()
+    given = Path(str(ref)).expanduser()
     if output is None:
-        given = Path(str(ref))
         stem = (given.parent.name if given.name == LAST else given.stem) if given.suffix == ".ckpt" else str(ref)
         output = Path(output_dir) / "exports" / f"{spec.name}-{stem}{SUFFIX[fmt]}"
-    path = Path(output).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_path(Path(output).expanduser(), given, SUFFIX[fmt])
+    tmp = path.with_name(f".{os.getpid()}.tmp-{path.name}")       # checked first, then renamed into place
     example, check = inputs(spec, TRACE_BATCH, 0), inputs(spec, CHECK_BATCH, 1)
     try:
-        with quiet(), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")          # exporters' deprecation and tracer notes
-            if fmt == "torch.export":
-                run, runtime = _torch_export(network, example, path), "torch.export.load"
-            elif fmt == "torchscript":
-                run, runtime = _torchscript(network, example, path), "torch.jit.load"
-            else:
-                run, runtime = _onnx(network, example, path)
-            expected, got = network(check), run(check)
-    except Exception as e:  # noqa: BLE001  (an exporter's failure: one line, nothing half-written left)
-        path.unlink(missing_ok=True)
-        raise ReslabError(f"{fmt} export failed: {type(e).__name__}: {first_line(e)}", file=str(ref)) from None
-    diff = float((got.float() - expected).abs().max())
-    if got.shape != expected.shape or not diff <= atol:
-        raise ExportMismatch(f"{path}: {fmt} logits differ from the checkpoint's (max |diff| {diff:.3g} > {atol:g}, "
-                             f"shape {tuple(got.shape)} vs {tuple(expected.shape)})")
+        try:
+            with quiet(), warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")          # exporters' deprecation and tracer notes
+                if fmt == "torch.export":
+                    run, runtime = _torch_export(network, example, tmp), "torch.export.load"
+                elif fmt == "torchscript":
+                    run, runtime = _torchscript(network, example, tmp), "torch.jit.load"
+                else:
+                    run, runtime = _onnx(network, example, tmp)
+                expected, got = network(check), run(check)
+        except Exception as e:  # noqa: BLE001  (an exporter's failure: one line, nothing half-written left)
+            raise ReslabError(f"{fmt} export failed: {type(e).__name__}: {first_line(e)}", file=str(ref)) from None
+        diff = float((got.float() - expected).abs().max())
+        if got.shape != expected.shape or not diff <= atol:
+            raise ExportMismatch(f"{path}: {fmt} logits differ from the checkpoint's (max |diff| {diff:.3g} > "
+                                 f"{atol:g}, shape {tuple(got.shape)} vs {tuple(expected.shape)}); not written")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ExportResult(path, fmt, runtime, diff, tuple(got.shape))
+
+
+def output_path(path: Path, source: Path, suffix: str) -> Path:
+    """The file an export writes: not a folder, not the checkpoint it exports, in a folder that can be written
+    (made if missing); one-line ReslabError (--output) otherwise."""
+    if path.is_dir():
+        raise ReslabError(f"{path} is a folder; give the file to write (e.g. {path / ('model' + suffix)})",
+                          file="--output")
+    if path.exists() and source.exists() and path.resolve() == source.resolve():
+        raise ReslabError(f"{path} is the checkpoint being exported; writing there would destroy it",
+                          file="--output")
+    writable_folder(path.parent, "--output")
+    return path

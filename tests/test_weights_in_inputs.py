@@ -219,3 +219,25 @@ def test_a_register_name_with_control_characters_or_absurd_length_is_one_line(na
                           "--output-dir", str(out))
     assert code == 2 and line.startswith("--register: a model name ") and re.search(why, line), line
     assert not out.exists()                                          # nothing trained, nothing recorded
+
+
+# ---- export --output ----------------------------------------------------------------------------------------
+def test_an_export_output_that_is_a_folder_under_a_file_or_the_checkpoint_itself_is_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "net.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in small_weights().items()},
+                "hyper_parameters": {"spec": load_spec(RESNET20, SMALL).model_dump(mode="json")}}, ckpt)
+    before = ckpt.read_bytes()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("notes\n")
+    export = ["export", str(ckpt), "--format", "torchscript", "--output-dir", str(tmp_path), "--output"]
+    for output, expected in [
+            (tmp_path / "folder", f"--output: {tmp_path / 'folder'} is a folder; give the file to write (e.g. "
+                                  f"{tmp_path / 'folder' / 'model.ts.pt'})"),
+            (tmp_path / "file" / "net.ts.pt", f"--output: {tmp_path / 'file'} is a file, not a folder"),
+            (ckpt, f"--output: {ckpt} is the checkpoint being exported; writing there would destroy it")]:
+        code, line = cli_line(capsys, *export, str(output))
+        assert code == 2 and line == expected
+    assert ckpt.read_bytes() == before and (tmp_path / "file").read_text() == "notes\n"
+    assert cli.main([*export, str(tmp_path / "folder" / "net.ts.pt")]) == 0             # a file in the folder
+    assert torch.jit.load(str(tmp_path / "folder" / "net.ts.pt"))(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["net.ts.pt"]     # no temporary file left
