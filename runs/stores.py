@@ -17,11 +17,12 @@ import errno
 import fcntl
 import hashlib
 import os
+import socket
 import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 from arches.errors import ReslabError, first_line
 
@@ -50,12 +51,61 @@ def writable_folder(folder: Path, flag: str) -> None:
         raise ReslabError(f"cannot write in {folder}: {e.strerror or first_line(e)}", file=flag) from None
 
 
+LOCK_NOTE_S = 5.0            # a lock not had within this long: one line says who holds it, then the wait goes on
+
+
+def acquire(take: Callable[[Optional[float]], bool], what: str, holder: Callable[[], str]) -> None:
+    """Take a lock with `take(wait_s)` (True once taken; None: wait as long as it takes); a wait longer than
+    LOCK_NOTE_S is said once, on stderr, with its holder: the lock dies with its holder, so the wait ends at the
+    latest when that process does."""
+    if take(LOCK_NOTE_S):
+        return
+    print(f"waiting for {what}, held by {holder()}; until it is released (the lock dies with its holder)",
+          file=sys.stderr, flush=True)
+    take(None)
+
+
+def _polled(try_take: Callable[[], bool]) -> Callable[[Optional[float]], bool]:
+    """take(wait_s) from a non-blocking attempt, polled."""
+    def take(wait_s: Optional[float]) -> bool:
+        end, delay = None if wait_s is None else time.monotonic() + wait_s, 0.005
+        while not try_take():
+            if end is not None and time.monotonic() >= end:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 0.25)
+        return True
+    return take
+
+
+def _holder_process() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])[:200]})"
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on <path>.lock (it dies with its process: a killed command never leaves it held)."""
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """An exclusive flock on <path>.lock (it dies with its process: a killed command never leaves it held); the
+    holder writes who it is into the file, for those who wait."""
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a+") as handle:
+        def take() -> bool:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
+        def holder() -> str:
+            with contextlib.suppress(OSError):
+                return lock.read_text(errors="replace").strip()[:300] or "another process"
+            return "another process"
+
+        acquire(_polled(take), f"the lock {lock}", holder)
         try:
+            with contextlib.suppress(OSError):
+                handle.truncate(0)
+                handle.write(_holder_process() + "\n")
+                handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -154,19 +204,53 @@ def check_driver(url: str, what: str, flag: str) -> None:
 def server_lock(engine, name: str) -> Iterator[None]:
     """Hold a server-wide named lock (PostgreSQL advisory lock, MySQL GET_LOCK); it dies with its connection."""
     from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
 
     dialect = engine.dialect.name
     if dialect == "postgresql":
-        take, give, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": _lock_key(name)}
+        key = _lock_key(name)
+        args = {"k": key}
+        take = ("SELECT set_config('lock_timeout', :wait, true)", "SELECT pg_advisory_lock(:k)")  # (waits queued)
+        give = "SELECT pg_advisory_unlock(:k)"
+        who = ("SELECT a.pid, a.client_addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE "
+               "l.locktype = 'advisory' AND l.granted AND l.classid::bigint = :hi AND l.objid::bigint = :lo",
+               {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF})
     elif dialect in ("mysql", "mariadb"):
-        take, give = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
         args = {"k": f"reslab-{hashlib.sha1(name.encode()).hexdigest()[:40]}"}
+        take, give = (None, "SELECT GET_LOCK(:k, :seconds)"), "SELECT RELEASE_LOCK(:k)"
+        who = ("SELECT IS_USED_LOCK(:k), NULL", args)
     else:
         raise ReslabError(f"storage {dialect}: reslab can share studies through sqlite, postgresql or mysql",
                           file="--storage")
     with engine.connect() as conn:
-        conn.execute(text(take), args)
-        conn.commit()
+        def try_take(wait_s: Optional[float]) -> bool:
+            if dialect != "postgresql":
+                got = conn.execute(text(take[1]), {**args, "seconds": -1 if wait_s is None else wait_s}).scalar()
+                conn.commit()
+                return bool(got)
+            try:          # lock_timeout (this transaction only) bounds the wait for an advisory lock too
+                conn.execute(text(take[0]), {"wait": "0" if wait_s is None else f"{int(wait_s * 1000)}ms"})
+                conn.execute(text(take[1]), args)
+                conn.commit()
+                return True
+            except OperationalError as e:
+                conn.rollback()
+                if getattr(getattr(e, "orig", None), "pgcode", None) == "55P03":     # lock_not_available
+                    return False
+                raise
+
+        def holder() -> str:
+            try:
+                row = conn.execute(text(who[0]), who[1]).first()
+                conn.commit()
+            except Exception:  # noqa: BLE001  (no right to read the server's activity: say less)
+                conn.rollback()
+                row = None
+            if row is None or row[0] is None:
+                return "another connection"
+            return f"server connection {row[0]}" + (f" from {row[1]}" if row[1] else "")
+
+        acquire(try_take, f"the lock '{name}' on the {dialect} server", holder)
         try:
             yield
         finally:
