@@ -21,6 +21,7 @@ from arches import Network, Spec, build_model, spec_from_dict
 from arches.errors import ReslabError, first_line
 from arches.init import refusal
 
+from .stores import sqlite_path
 from .tracking import client_for
 
 LAST = "last.ckpt"
@@ -113,9 +114,10 @@ def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
                     output_dir: Union[str, Path, None] = None) -> Path:
     """The checkpoint of an MLflow run: its artifact checkpoints/last.ckpt, else
     <output_dir>/checkpoints/<run_id>/last.ckpt (output_dir defaults to the sqlite store's folder)."""
-    if tracking_uri is None and not (Path(output_dir or "outputs") / "mlflow.db").exists():
-        raise ReslabError(f"no MLflow store at {Path(output_dir or 'outputs') / 'mlflow.db'} to find run "
-                          f"'{run_id}' in; give a .ckpt path or --tracking-uri", file="run id")
+    store = sqlite_path(tracking_uri) if tracking_uri else Path(output_dir or "outputs") / "mlflow.db"
+    if store is not None and not store.is_file():           # (a look-up never makes a store)
+        raise ReslabError(f"no MLflow store at {store} to find run '{run_id}' in; give a .ckpt path or "
+                          f"--tracking-uri", file="run id")
     client = client_for(tracking_uri, output_dir or "outputs")
     try:
         run = client.get_run(run_id)

@@ -86,8 +86,13 @@ def test_small_resnet_learns_fashion_mnist_and_is_recorded(fashion_mnist, store)
 def test_load_model_errors(store, tmp_path):
     with pytest.raises(ReslabError, match="no such checkpoint"):
         load_model(tmp_path / "missing.ckpt")
-    with pytest.raises(ReslabError, match="no MLflow run"):
+    with pytest.raises(ReslabError, match="no MLflow store at .*empty/mlflow.db"):       # a look-up makes no store
         load_model("0123456789abcdef", tracking_uri=default_tracking_uri(tmp_path / "empty"))
+    assert not (tmp_path / "empty" / "mlflow.db").exists()
+    made = default_tracking_uri(tmp_path / "made")
+    MlflowClient(made).search_experiments()                                            # a store, without the run
+    with pytest.raises(ReslabError, match="no MLflow run"):
+        load_model("0123456789abcdef", tracking_uri=made)
     (tmp_path / "notes.ckpt").write_text("epoch 3 looked good\n")
     with pytest.raises(ReslabError, match=r"not a checkpoint \(a file written by torch.save"):
         load_model(tmp_path / "notes.ckpt")

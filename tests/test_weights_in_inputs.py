@@ -187,6 +187,11 @@ def test_init_from_a_run_id_is_looked_up_in_output_dir_and_tracking_uri(tmp_path
     assert code == 2 and line == (f"run id: no MLflow store at outputs/mlflow.db to find run '{run_id}' in; give a "
                                   f".ckpt path or --tracking-uri")
 
+    missing = tmp_path / "typo" / "runs.db"                            # a look-up never makes a store
+    code, line = cli_line(capsys, *args, "--tracking-uri", f"sqlite:///{missing}")
+    assert code == 2 and line == (f"run id: no MLflow store at {missing} to find run '{run_id}' in; give a .ckpt "
+                                  f"path or --tracking-uri") and not missing.parent.exists()
+
     elsewhere = tmp_path / "elsewhere"
     uri = f"sqlite:///{elsewhere / 'runs.db'}"
     elsewhere.mkdir()
