@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import psutil
 import torch
 from rich.console import Console
 
@@ -36,6 +37,7 @@ from .plots import error_curves
 
 RUN_ID_ENV = "RESLAB_RUN_ID"   # hands the MLflow run id to DDP processes started by the launcher
 HOST_TAG, PID_TAG = "reslab.host", "reslab.pid"   # the process that has the run open (a stale RUNNING run: gone)
+STARTED_TAG = "reslab.pid_started"                 # ... and when it started (a pid reused later is not that process)
 ENDING_TAGS = ("pruned_reason", "interrupted_by")  # said by an ending; cleared when the run is reopened
 MODEL_ERROR_TAG = "model_error"  # why a finished run has no MLflow model
 
@@ -282,7 +284,8 @@ def _stamp(path: Path) -> tuple:
 
 def owner_tags() -> dict[str, str]:
     """Which process has the run open: this machine's name and this process's id."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            STARTED_TAG: f"{psutil.Process().create_time():.2f}"}
 
 
 def run_owner(run: Any) -> str:
@@ -294,10 +297,15 @@ def run_owner(run: Any) -> str:
     if int(pid) == os.getpid():                 # this very process: it is not training that run any more
         return "gone"
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        process = psutil.Process(int(pid))
+        started = run.data.tags.get(STARTED_TAG)
+        if process.status() == psutil.STATUS_ZOMBIE:       # killed, not yet reaped by its parent
+            return "gone"
+        if started and abs(process.create_time() - float(started)) > 0.5:   # the pid now names a later process
+            return "gone"
+    except psutil.NoSuchProcess:
         return "gone"
-    except PermissionError:
+    except (psutil.AccessDenied, ValueError):
         return "alive"
     return "alive"
 

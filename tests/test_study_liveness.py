@@ -2,7 +2,8 @@
 a whole `ablate` SIGKILLed right after a trial started, then rerun, retries that trial at once (its worker's pid is
 gone); a trial left RUNNING with no worker recorded on it, and another machine's trial whose heartbeats stop, are
 retried after the heartbeat grace, the command saying what it waits for meanwhile; `--workers N` beyond this
-machine's cores or memory (measured on the study's trials, else estimated) is one line before anything starts."""
+machine's cores or memory (measured on the study's trials, else estimated) is one line before anything starts;
+and `run --resume` counts a killed run process that is not reaped yet, or a reused pid, as gone."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -174,3 +176,33 @@ def test_trials_without_a_live_worker_are_retried_after_the_grace_and_the_wait_i
     assert trials[unrecorded.number].user_attrs["reslab.reason"] == \
         "no worker recorded itself on it within 3 s of its start (killed as it started)"
     assert {t.user_attrs.get("reslab.retry_of") for t in trials} >= {unrecorded.number, elsewhere.number}
+
+
+def test_run_resume_counts_a_killed_but_unreaped_run_process_as_gone(tmp_path):
+    """`run --resume` judges a RUNNING run by its process: a SIGKILLed process its parent has not reaped yet (a
+    zombie) is gone, not alive; so is a pid whose process started after the run's."""
+    from runs.record import HOST_TAG, PID_TAG, STARTED_TAG, owner_tags, run_owner
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x", artifact_location=str(tmp_path / "art"))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        import psutil
+
+        started = f"{psutil.Process(child.pid).create_time():.2f}"
+        run = client.create_run(experiment, tags={**owner_tags(), PID_TAG: str(child.pid), STARTED_TAG: started})
+        assert run_owner(client.get_run(run.info.run_id)) == "alive"
+        reused = client.create_run(experiment, tags={**owner_tags(), PID_TAG: str(child.pid),
+                                                     STARTED_TAG: f"{float(started) - 60:.2f}"})
+        assert run_owner(client.get_run(reused.info.run_id)) == "gone"            # the pid names a later process
+        os.kill(child.pid, signal.SIGKILL)
+        for _ in range(BOUND_S * 100):                                          # dead, not reaped (no wait yet)
+            if psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.01)
+        assert run_owner(client.get_run(run.info.run_id)) == "gone"
+        other = client.create_run(experiment, tags={HOST_TAG: "elsewhere", PID_TAG: str(os.getpid())})
+        assert run_owner(client.get_run(other.info.run_id)) == "unknown"
+    finally:
+        child.kill()
+        child.wait()
