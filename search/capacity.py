@@ -78,23 +78,24 @@ def study_specs(plan: StudyDesign, limit: int = 64) -> list[Any]:
     return list(specs.values())
 
 
-def estimate(plan: StudyDesign, devices: int = 1) -> tuple[int, str]:
-    """(bytes, how) of one worker's peak memory, from the plan: see the module."""
-    specs = study_specs(plan)
+def estimate(plan: StudyDesign, devices: int = 1, on_gpu: bool = False) -> tuple[int, str]:
+    """(bytes, how) of one worker's peak host memory, from the plan: see the module (`on_gpu`: weights, optimizer
+    state and activations live in GPU memory, not the host's)."""
     base = psutil.Process().memory_info().rss
     train = 0
-    for spec in specs:
-        cost = complexity(spec)
-        states = OPTIMIZER_STATES.get(str(spec.train.optimizer), 2)
-        weights = cost.params * 4 * (2 + states)
-        activations = cost.acts * spec.train.batch_size * 4 * ACTIVATION_COPIES
+    for spec in study_specs(plan):
         data = DATASET_IMAGES.get(spec.data.name, spec.data.synthetic_size if spec.data.name == "synthetic" else 0)
-        images = data * spec.input.channels * spec.input.size ** 2 * 2      # uint8, read then held
-        train = max(train, weights + activations + images)
+        need = data * spec.input.channels * spec.input.size ** 2 * 2      # its images: uint8, read then held
+        if not on_gpu:
+            cost = complexity(spec)
+            states = OPTIMIZER_STATES.get(str(spec.train.optimizer), 2)
+            need += cost.params * 4 * (2 + states) + cost.acts * spec.train.batch_size * 4 * ACTIVATION_COPIES
+        train = max(train, need)
     total = int((base + train) * TRAINER_MARGIN * devices)
     ddp = f", x {devices} DDP processes" if devices > 1 else ""
+    what = "data (the networks train in GPU memory)" if on_gpu else "training and data"
     return total, (f"estimated: ({base / MB:.0f} MB of libraries + {train / MB:.0f} MB for the largest network's "
-                   f"training and data) x {TRAINER_MARGIN:g} for the trainer{ddp}")
+                   f"{what}) x {TRAINER_MARGIN:g} for the trainer{ddp}")
 
 
 def needs(plan: StudyDesign, storage: Any, threads: int, devices: int = 1, gpus: Optional[list] = None) -> WorkerNeeds:
@@ -104,7 +105,7 @@ def needs(plan: StudyDesign, storage: Any, threads: int, devices: int = 1, gpus:
     threads = (stored_threads or threads) * (1 if gpus else devices)        # (CPU DDP: a process per device)
     if memory is not None:
         return WorkerNeeds(memory, threads, "measured: the peak of this study's workers")
-    memory, how = estimate(plan, devices)
+    memory, how = estimate(plan, devices, on_gpu=bool(gpus))
     return WorkerNeeds(memory, threads, how)
 
 
