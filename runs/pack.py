@@ -269,12 +269,31 @@ def resolved_device(spec: Spec) -> torch.device:
     return torch.device("cuda") if cuda else torch.device("cpu")
 
 
+def train_alone(spec: Spec):
+    """`spec` trained alone as runs.fit trains it (ReslabModule, ReslabData, its Trainer settings), without records:
+    the run a pack member equals. Returns the module (history, results, model)."""
+    import pytorch_lightning as pl
+
+    from .fit import trainer_settings
+    from .module import ReslabModule
+    from .quiet import quiet
+
+    with quiet():
+        pl.seed_everything(spec.train.seed, verbose=False)
+        module, data = ReslabModule(spec), ReslabData(spec)
+        trainer = pl.Trainer(**trainer_settings(spec), enable_progress_bar=False)
+        trainer.fit(module, datamodule=data)
+        trainer.test(module, datamodule=data, verbose=False)
+    return module
+
+
 # ---- the pack --------------------------------------------------------------------------------------------------
 class Pack:
     """P members of one network trained as one stacked model (see the module docstring)."""
 
-    def __init__(self, specs: Sequence[Spec], *, device: Optional[torch.device] = None, compile: bool = False,
-                 _state: Optional[dict] = None):
+    def __init__(self, specs: Sequence[Spec], *, device: Optional[torch.device] = None,
+                 compile: Union[bool, str] = False, _state: Optional[dict] = None):
+        """`compile`: torch.compile the vmapped forward (true, or a torch.compile mode such as "reduce-overhead")."""
         specs = list(specs)
         check_pack(specs)
         self.device = device or resolved_device(specs[0])
@@ -305,7 +324,7 @@ class Pack:
         self._failed_step = torch.full((len(specs),), -1, dtype=torch.long, device=self.device)
         self._forward = vmap(self._member_loss, in_dims=(0, 0, 0, 0, 0), randomness="error")
         if compile:
-            self._forward = torch.compile(self._forward)
+            self._forward = torch.compile(self._forward, mode=None if compile is True else str(compile))
         if _state is not None:
             self._restore(_state)
 
@@ -541,7 +560,7 @@ class Pack:
 
     @classmethod
     def load(cls, path: Union[str, Path], *, device: Optional[torch.device] = None,
-             compile: bool = False) -> "Pack":
+             compile: Union[bool, str] = False) -> "Pack":
         """A pack saved by `save`, ready to go on from the epoch it had finished."""
         from .checkpoint import read_checkpoint
 

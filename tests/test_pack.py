@@ -4,17 +4,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from arches import BLOCKS, SHORTCUTS, build_model, load_spec
 from arches.errors import ReslabError
 from runs.checkpoint import load_model
-from runs.data import ReslabData
-from runs.fit import trainer_settings
 from runs.module import ReslabModule
-from runs.pack import FUSIBLE, Pack, PackError, check_pack, fusible_key
-from runs.quiet import quiet
+from runs.pack import FUSIBLE, Pack, PackError, check_pack, fusible_key, train_alone
 
 LOSS_TOLERANCE = 1e-5     # relative: |pack - solo| / |solo|, every epoch's train and val loss, the test loss
 WEIGHT_TOLERANCE = 1e-5   # relative, final weights: max|pack - solo| over every tensor / the network's max|solo|
@@ -35,15 +31,7 @@ def tiny(*overrides: str):
     return load_spec("specs/resnet20.yaml", [*TINY, *overrides])
 
 
-def solo(spec) -> ReslabModule:
-    """The spec trained alone, as runs.fit trains it (the same module, data and Trainer settings)."""
-    with quiet():
-        pl.seed_everything(spec.train.seed, verbose=False)
-        module, data = ReslabModule(spec), ReslabData(spec)
-        trainer = pl.Trainer(**trainer_settings(spec), enable_progress_bar=False)
-        trainer.fit(module, datamodule=data)
-        trainer.test(module, datamodule=data, verbose=False)
-    return module
+solo = train_alone
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -192,3 +180,49 @@ def test_fusible_settings_do_not_change_the_key():
     assert "train.seed" in FUSIBLE
     with pytest.raises(PackError, match="stops mid-epoch"):
         Pack([tiny("train.max_steps=5")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_mode", [False, True])
+def test_pack_on_cuda_trains_as_alone(compile_mode):
+    specs = [tiny(*m, "train.accelerator=gpu", "train.precision='32'", "data.on_device=always") for m in MEMBERS]
+    pack = Pack(specs, compile=compile_mode)
+    assert pack.device.type == "cuda"
+    pack.fit()
+    for i, spec in enumerate(specs):
+        module = solo(spec)
+        loss, _ = solo_difference(pack.finished[i], module)
+        assert loss <= 1e-3, loss        # cuDNN picks its own algorithms (and TF32) for grouped and plain convs
+
+
+def test_each_member_is_its_own_mlflow_run(outputs):
+    from mlflow import MlflowClient
+
+    from runs import tracking
+    from runs.pack_record import train_pack
+
+    specs = [tiny(*MEMBERS[0]), tiny(*MEMBERS[1]), tiny("train.seed=2", "train.lr=1e6")]
+    uri = f"sqlite:///{outputs / 'mlflow.db'}"
+    results = train_pack(specs, tracking_uri=uri, output_dir=outputs)
+    client = MlflowClient(uri)
+    assert [r.status for r in results] == ["FINISHED", "FINISHED", "FAILED"]
+    for i, (spec, result) in enumerate(zip(specs, results)):
+        run = client.get_run(result.run_id)
+        assert run.data.params == {p.key: p.value for p in tracking.spec_params(spec)}
+        assert run.data.tags["reslab.pack_size"] == "3" and run.data.tags["reslab.pack_index"] == str(i)
+        assert run.data.tags["spec_hash"] == tracking.spec_tags(spec, complexity_of(spec))["spec_hash"]
+        losses = client.get_metric_history(result.run_id, "train/loss")
+        assert [m.step for m in losses] == [r["epoch"] for r in result.history]
+    assert len({client.get_run(r.run_id).data.tags["reslab.pack"] for r in results}) == 1
+    failed = client.get_run(results[2].run_id)
+    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["failure_reason"]
+    assert results[0].model_uri and "test/loss" in results[0].metrics
+    spec, net = load_model(results[1].run_id, uri)          # the member's checkpoint artifact, as a solo run's
+    assert spec.model_dump() == specs[1].model_dump()
+    assert [f.path for f in client.list_artifacts(results[0].run_id)] >= ["checkpoints", "complexity.json"]
+
+
+def complexity_of(spec):
+    from arches import complexity
+
+    return complexity(spec)
