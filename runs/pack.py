@@ -64,6 +64,12 @@ FUSIBLE: dict[str, str] = {
     "train.epochs": "a member leaves the pack after its last epoch",
 }
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8          # torch.optim.AdamW's defaults, which runs.recipe uses
+# train.optimizer -> the state tensors StackedOptimizer keeps per parameter, and its update method; an optimizer
+# registered in runs.recipe but missing here does not pack
+STACKED_UPDATES: dict[str, tuple[tuple[str, ...], str]] = {
+    "sgd": (("momentum_buffer",), "_sgd"),
+    "adamw": (("exp_avg", "exp_avg_sq"), "_adamw"),
+}
 PACK_FORMAT = 1                                        # version of the pack checkpoint's layout
 
 
@@ -104,6 +110,8 @@ def _random_layers(net: nn.Module) -> Optional[str]:
 
 # Settings that keep a spec out of any pack: (what, test on the spec -> reason or None).
 UNPACKABLE: tuple[tuple[str, Callable[[Spec], Optional[str]]], ...] = (
+    ("train.optimizer", lambda s: None if s.train.optimizer in STACKED_UPDATES else
+     f"{s.train.optimizer} has no stacked update (packs step: {', '.join(STACKED_UPDATES)})"),
     ("train.devices", lambda s: "a pack trains on one device" if s.train.devices not in (1,) or
      s.train.num_nodes != 1 else None),
     ("data.name", lambda s: None if DATA_SETS[s.data.name].in_memory else
@@ -172,10 +180,10 @@ class StackedOptimizer:
                       for name, p in params.items()}
         self.momentum = [t.momentum for t in trains]
         self.nesterov = [bool(t.nesterov and t.momentum > 0) for t in trains]
+        names, method = STACKED_UPDATES[self.kind]
+        self._update = getattr(self, method)
         self.state: dict[str, dict[str, torch.Tensor]] = {
-            name: ({"momentum_buffer": torch.zeros_like(p)} if self.kind == "sgd" else
-                   {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
-            for name, p in params.items()}
+            name: {k: torch.zeros_like(p) for k in names} for name, p in params.items()}
 
     def keep(self, rows: Sequence[int]) -> None:
         """Only the members at `rows` stay (the pack was rebuilt smaller)."""
@@ -190,10 +198,8 @@ class StackedOptimizer:
              alive: torch.Tensor) -> None:
         """One update of every alive member with its lr (host floats: the schedule's value this step)."""
         self.step_count += 1
-        update = self._sgd if self.kind == "sgd" else self._adamw
         for (name, p), g in zip(params.items(), grads):
-            mask = alive.reshape((-1,) + (1,) * (p.ndim - 1))
-            update(name, p, g, lrs, mask)
+            self._update(name, p, g, lrs, alive.reshape((-1,) + (1,) * (p.ndim - 1)))
 
     def _sgd(self, name: str, p: torch.Tensor, g: torch.Tensor, lrs: Sequence[float], mask: torch.Tensor) -> None:
         # torch: d = g + wd p; buf = m buf + d (buf = d at the first step: the same, from zeros); d = d + m buf
