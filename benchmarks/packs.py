@@ -108,20 +108,30 @@ def section_ablation(args) -> None:
         print(f"  pack {number}: {', '.join(f'{a}/seed {s}' for a, s in group)}", flush=True)
     packed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    alone = {}
-    for cell, spec in cells.items():
-        module = solo(spec)
-        alone[cell] = {**module.history[-1], **module.results.get("test", {})}.get(metric, float("nan"))
+    alone = {cell: final(solo(spec), metric) for cell, spec in cells.items()}
     solo_s = time.perf_counter() - t0
+    # the floor: the same solo trials on another thread count (other float rounding in the kernels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    again = {cell: final(solo(spec), metric) for cell, spec in cells.items()}
+    torch.set_num_threads(threads)
     print(f"\n{plan.name}: {len(cells)} cells in {len(groups)} packs; packed {packed_s:.1f} s, solo one after "
-          f"another {solo_s:.1f} s (x{solo_s / packed_s:.2f}); {device_line()}")
-    print(f"{'arm':24s} {'n':>3s} {metric + ' packed':>28s} {metric + ' solo':>28s}")
+          f"another {solo_s:.1f} s (x{solo_s / packed_s:.2f}); {device_line()}, {threads} threads")
+    print(f"{'arm':12s} {'n':>3s} {metric + ' packed':>26s} {metric + ' solo':>26s} "
+          f"{'solo, ' + str(threads + 1) + ' threads':>26s}")
+    spread = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
     for arm in dict.fromkeys(a for a, _ in cells):
-        a = [packed[c] for c in cells if c[0] == arm]
-        b = [alone[c] for c in cells if c[0] == arm]
-        spread = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
-        print(f"{arm:24s} {len(a):3d} {statistics.mean(a):18.4f} +- {spread(a):.4f} "
-              f"{statistics.mean(b):18.4f} +- {spread(b):.4f}")
+        values = [[way[c] for c in cells if c[0] == arm] for way in (packed, alone, again)]
+        print(f"{arm:12s} {len(values[0]):3d} " + " ".join(f"{statistics.mean(v):16.4f} +- {spread(v):.4f}"
+                                                           for v in values))
+    largest = lambda a, b: max(abs(a[c] - b[c]) for c in cells)  # noqa: E731
+    print(f"largest per-cell difference of {metric}: packed vs solo {largest(packed, alone):.4f}, solo on "
+          f"{threads + 1} vs {threads} threads {largest(again, alone):.4f}")
+
+
+def final(module, metric: str) -> float:
+    """A trained module's final value of `metric` (the last epoch's row, then the test results)."""
+    return {**module.history[-1], **module.results.get("test", {})}.get(metric, float("nan"))
 
 
 SECTIONS = {"throughput": section_throughput, "ablation": section_ablation}

@@ -71,6 +71,7 @@ STACKED_UPDATES: dict[str, tuple[tuple[str, ...], str]] = {
     "adamw": (("exp_avg", "exp_avg_sq"), "_adamw"),
 }
 PACK_FORMAT = 1                                        # version of the pack checkpoint's layout
+MEMBER_OF = "reslab_pack"   # in a member's checkpoint: its pack's checkpoint file (a member resumes with its pack)
 
 
 class PackError(ReslabError):
@@ -326,6 +327,7 @@ class Pack:
         self.epoch, self.step = 0, 0                        # epochs completed, optimizer steps taken
         self.finished: dict[int, Member] = {}               # members that left, by index
         self.images_per_s = math.nan                        # the last epoch's images/s of the whole pack
+        self.file: Optional[Path] = None                    # where `save` last wrote the pack
         self._alive = torch.ones(len(specs), dtype=torch.bool, device=self.device)
         self._failed_step = torch.full((len(specs),), -1, dtype=torch.long, device=self.device)
         self._forward = vmap(self._member_loss, in_dims=(0, 0, 0, 0, 0), randomness="error")
@@ -524,7 +526,7 @@ class Pack:
         return {"state_dict": {f"model.{k}": v for k, v in (weights or {}).items()},
                 "hyper_parameters": {"spec": m.spec.model_dump(mode="json")},
                 "epoch": len(m.history) - 1, "global_step": len(m.history) * self.steps_per_epoch,
-                "pytorch-lightning_version": pl.__version__}
+                "pytorch-lightning_version": pl.__version__, MEMBER_OF: str(self.file or "")}
 
     def state_dict(self) -> dict:
         """Everything a resumed pack needs, plain data and tensors (loads with weights_only=True)."""
@@ -562,6 +564,7 @@ class Pack:
         path = Path(path)
         state = self.state_dict()
         write_atomically(path, lambda tmp: torch.save(state, tmp))
+        self.file = path
         return path
 
     @classmethod
