@@ -163,69 +163,90 @@ def _first_difference(a: object, b: object, path: str = "") -> str:
 
 
 # ---- the stacked optimizer -------------------------------------------------------------------------------------
-def _per_member(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """[P] values as a float tensor shaped to broadcast over a stacked [P, ...] tensor."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape((-1,) + (1,) * (like.ndim - 1))
+def _shaped(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [P] tensor viewed to broadcast over a stacked [P, ...] tensor."""
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 class StackedOptimizer:
     """torch.optim.SGD (momentum, nesterov) or AdamW, as runs.recipe.build_optimizer configures them, on stacked
-    [P, ...] parameters: each member's lr, momentum, nesterov and decay its own; members not alive are not updated."""
+    [P, ...] parameters: each member's lr, momentum, nesterov and decay its own; members not alive are not updated.
+    Per-member constants live on the device once; each step copies only the step's [P] lr (AdamW: and its two
+    scalars, computed in float64 on the host as torch does)."""
 
     def __init__(self, specs: Sequence[Spec], params: dict[str, torch.Tensor]):
-        trains = [s.train for s in specs]
-        self.kind = trains[0].optimizer
+        self.trains = [s.train for s in specs]
+        self.kind = self.trains[0].optimizer
         self.step_count = 0                                  # optimizer steps taken (AdamW's bias correction)
-        # per member and parameter: the decay its solo optimizer's param group gives it (runs.recipe.param_groups)
-        self.decay = {name: [t.weight_decay if (t.decay_bn_and_bias or p.ndim - 1 > 1) else 0.0 for t in trains]
-                      for name, p in params.items()}
-        self.momentum = [t.momentum for t in trains]
-        self.nesterov = [bool(t.nesterov and t.momentum > 0) for t in trains]
+        self.ndim = {name: p.ndim - 1 for name, p in params.items()}   # a member's parameter's dimensions
+        first = next(iter(params.values()))
+        self.dtype, self.device = first.dtype, first.device
         names, method = STACKED_UPDATES[self.kind]
         self._update = getattr(self, method)
         self.state: dict[str, dict[str, torch.Tensor]] = {
             name: {k: torch.zeros_like(p) for k in names} for name, p in params.items()}
+        self._constants()
+
+    def _constants(self) -> None:
+        """The members' fixed hyperparameters as [P] device tensors; per parameter, whether its group decays
+        (runs.recipe.param_groups: 1-d parameters not, with decay_bn_and_bias false)."""
+        trains, on = self.trains, lambda v, dtype=None: torch.tensor(v, dtype=dtype or self.dtype,  # noqa: E731
+                                                                     device=self.device)
+        self.decays = {name: on([t.decay_bn_and_bias or n > 1 for t in trains], torch.bool)
+                       for name, n in self.ndim.items()}
+        self.decay = {name: on([t.weight_decay if t.decay_bn_and_bias or n > 1 else 0.0 for t in trains])
+                      for name, n in self.ndim.items()}
+        self.momentum = on([t.momentum for t in trains])
+        self.nesterov = on([bool(t.nesterov and t.momentum > 0) for t in trains], torch.bool)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Only the members at `rows` stay (the pack was rebuilt smaller)."""
-        pick = lambda values: [values[i] for i in rows]  # noqa: E731
-        self.decay = {name: pick(v) for name, v in self.decay.items()}
-        self.momentum, self.nesterov = pick(self.momentum), pick(self.nesterov)
-        index = torch.tensor(list(rows), dtype=torch.long)
-        self.state = {name: {k: v[index.to(v.device)].clone() for k, v in s.items()} for name, s in self.state.items()}
+        self.trains = [self.trains[i] for i in rows]
+        self._constants()
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        self.state = {name: {k: v[index].clone() for k, v in s.items()} for name, s in self.state.items()}
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: Sequence[torch.Tensor], lrs: Sequence[float],
              alive: torch.Tensor) -> None:
         """One update of every alive member with its lr (host floats: the schedule's value this step)."""
         self.step_count += 1
+        values = self._step_values(lrs)
         for (name, p), g in zip(params.items(), grads):
-            self._update(name, p, g, lrs, alive.reshape((-1,) + (1,) * (p.ndim - 1)))
+            self._update(name, p, g, values, _shaped(alive, p))
 
-    def _sgd(self, name: str, p: torch.Tensor, g: torch.Tensor, lrs: Sequence[float], mask: torch.Tensor) -> None:
+    def _step_values(self, lrs: Sequence[float]) -> dict[str, torch.Tensor]:
+        """This step's [P] tensors: lr; AdamW also 1 - lr wd and lr / (1 - b1^t) (float64 on the host, as torch)."""
+        values = [list(lrs)]
+        if self.kind == "adamw":
+            b1, t = ADAMW_BETAS[0], self.step_count
+            values += [[1 - lr * tr.weight_decay for lr, tr in zip(lrs, self.trains)],
+                       [lr / (1 - b1 ** t) for lr in lrs]]
+        stacked = torch.tensor(values, dtype=self.dtype).to(self.device, non_blocking=True)
+        return dict(zip(("lr", "shrink", "step_size"), stacked))
+
+    def _sgd(self, name: str, p: torch.Tensor, g: torch.Tensor, values: dict, mask: torch.Tensor) -> None:
         # torch: d = g + wd p; buf = m buf + d (buf = d at the first step: the same, from zeros); d = d + m buf
         # (nesterov) or buf; p -= lr d
-        d = g + _per_member(self.decay[name], p) * p
+        d = g + _shaped(self.decay[name], p) * p
         buf = self.state[name]["momentum_buffer"]
-        momentum = _per_member(self.momentum, p)
+        momentum = _shaped(self.momentum, p)
         new_buf = momentum * buf + d
-        nesterov = torch.tensor(self.nesterov, device=p.device).reshape(mask.shape)
-        d = torch.where(nesterov, d + momentum * new_buf, new_buf)
+        d = torch.where(_shaped(self.nesterov, p), d + momentum * new_buf, new_buf)
         buf.copy_(torch.where(mask, new_buf, buf))
-        p.copy_(torch.where(mask, p - _per_member(lrs, p) * d, p))
+        p.copy_(torch.where(mask, p - _shaped(values["lr"], p) * d, p))
 
-    def _adamw(self, name: str, p: torch.Tensor, g: torch.Tensor, lrs: Sequence[float], mask: torch.Tensor) -> None:
+    def _adamw(self, name: str, p: torch.Tensor, g: torch.Tensor, values: dict, mask: torch.Tensor) -> None:
         # torch's single-tensor AdamW: p *= 1 - lr wd; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
-        # p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)   (the scalars in float64, as torch)
+        # p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
         (b1, b2), t = ADAMW_BETAS, self.step_count
         state = self.state[name]
-        shrink = _per_member([1 - lr * wd for lr, wd in zip(lrs, self.decay[name])], p)
-        decayed = p * shrink
+        shrink = torch.where(self.decays[name], values["shrink"], torch.ones_like(values["shrink"]))
+        decayed = p * _shaped(shrink, p)
         m = state["exp_avg"].lerp(g, 1 - b1)
         v = state["exp_avg_sq"] * b2 + (1 - b2) * g * g
         denom = v.sqrt() / math.sqrt(1 - b2 ** t) + ADAMW_EPS
-        step_size = _per_member([lr / (1 - b1 ** t) for lr in lrs], p)
-        new_p = decayed - step_size * (m / denom)
+        new_p = decayed - _shaped(values["step_size"], p) * (m / denom)
         state["exp_avg"].copy_(torch.where(mask, m, state["exp_avg"]))
         state["exp_avg_sq"].copy_(torch.where(mask, v, state["exp_avg_sq"]))
         p.copy_(torch.where(mask, new_p, p))
