@@ -36,6 +36,7 @@ from .checkpoint import (LAST, EpochCheckpoint, InitCheckpoint, checkpoint_dir, 
                          spec_of)
 from .data import ReslabData
 from .module import EpochSummary, ReslabModule
+from .pack import MEMBER_OF
 from .quiet import quiet
 from .record import RUN_ID_ENV, RunRecord, RunResult
 from .stores import disk_problem
@@ -184,7 +185,11 @@ def resume_checkpoint(run_id: str, output_dir: Union[str, Path], tracking_uri: O
 def _resumed_spec(spec: Optional[Spec], checkpoint: Optional[Path], run_id: Optional[str]) -> Spec:
     """The spec to train: the given one, or the checkpoint's when resuming (they must agree)."""
     if checkpoint is not None:
-        stored = spec_of(read_checkpoint(checkpoint), str(checkpoint))
+        state = read_checkpoint(checkpoint)
+        if MEMBER_OF in state:
+            raise ReslabError(f"run {run_id} trained in a pack; it resumes with its pack (runs.pack.Pack.load"
+                              f"('{state[MEMBER_OF]}'))", file="--resume")
+        stored = spec_of(state, str(checkpoint))
         if spec is not None and spec_hash(spec) != spec_hash(stored):
             raise ReslabError(f"the spec differs from run {run_id}'s (hash {spec_hash(spec)} vs "
                               f"{spec_hash(stored)}); resume without a spec file", file="--resume")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Packs on one GPU (issue 18), at most 8 minutes, each part's log under $OUT (default outputs/gpu_packs):
+#   tests       tests/test_pack.py (its CUDA tests run here; CI has no GPU and skips them) and tests/test_gpu.py
+#   throughput  benchmarks/packs.py: P = 1 2 4 8 16 ResNet-20 members vs solo trials, eager / compile /
+#               compile reduce-overhead, bf16, all 55k Fashion-MNIST images, 2 epochs (the second one timed)
+#   ablation    specs/ablations/shortcuts.yaml (A/B/C x 3 seeds, 30 s of epochs here) packed vs solo: wall times and
+#               test/error per arm (n, mean, std) both ways
+#   bash benchmarks/gpu_check.sh              # every part
+#   bash benchmarks/gpu_check.sh throughput   # some parts
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_packs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD
+status=0
+
+part() {   # part NAME LIMIT_S COMMAND...: run it with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc = 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+for p in ${@:-tests throughput ablation}; do
+  case $p in
+    tests) part tests 120 python -m pytest -q -p no:cacheprovider -rs tests/test_pack.py tests/test_gpu.py \
+        -k "cuda or gpu" ;;
+    throughput) part throughput 240 python benchmarks/packs.py throughput --sizes 1 2 4 8 16 --epochs 2 \
+        --solo-trials 1 --set data.train_subset=null ;;
+    ablation) part ablation 120 python benchmarks/packs.py ablation --file specs/ablations/shortcuts.yaml \
+        --set train.epochs=2 ;;
+    *) echo "unknown part $p (tests throughput ablation)"; status=2 ;;
+  esac
+done
+exit $status

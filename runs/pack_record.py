@@ -1,0 +1,116 @@
+"""A pack's MLflow records: each member its own run, as runs.fit records a solo run, plus tags naming its pack.
+
+    results = train_pack(specs, tracking_uri=uri, output_dir=out, parent_run_id=parent)   # one RunResult each
+
+Each member's run is opened, ended and given its curves, checkpoint artifact and MLflow model by runs.record.RunRecord
+(the code a solo run uses): the same params, tags, data set inputs and per-epoch metrics, plus `reslab.pack` (the
+pack's id), `reslab.pack_size` and `reslab.pack_index`. Every epoch each member's last.ckpt (the solo layout, written
+atomically under <output_dir>/checkpoints/<run id>/) and the pack's own checkpoint (<output_dir>/packs/<id>.ckpt)
+are rewritten. A member that failed ends FAILED with its reason (tag failure_reason), a pruned one KILLED with
+state PRUNED, as a solo run would.
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from arches import Spec, build_model, complexity
+
+from . import tracking
+from .callbacks import Pruned
+from .checkpoint import LAST, checkpoint_dir, write_atomically
+from .module import NonFiniteLoss
+from .pack import Member, Pack
+from .record import RunRecord, RunResult
+
+PACK_TAGS = ("reslab.pack", "reslab.pack_size", "reslab.pack_index")
+
+
+class MemberView:
+    """What RunRecord follows for a member (a ReslabModule's history, results and network)."""
+
+    def __init__(self, member: Member):
+        self.member = member
+        self.model: Optional[torch.nn.Module] = None      # the trained network, once the member left
+
+    @property
+    def history(self) -> list[dict]:
+        return self.member.history
+
+    @property
+    def results(self) -> dict:
+        test = {k: v for k, v in self.member.metrics.items() if k.startswith("test/")}
+        return {"test": test} if test else {}
+
+    def left(self) -> None:
+        """Build the member's network from its final weights (the record logs it as the MLflow model)."""
+        net = build_model(self.member.spec)
+        net.load_state_dict(self.member.weights)
+        self.model = net.eval()
+
+
+def _ending(member: Member) -> Optional[BaseException]:
+    """The exception a solo run would have ended with (runs.record.ENDINGS), None when it finished."""
+    if member.status == "FAILED":
+        return NonFiniteLoss(member.reason or "training loss became non-finite")
+    if member.status == "PRUNED":
+        return Pruned(member.reason or "pruned")
+    return None
+
+
+def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
+               output_dir: Union[str, Path] = "outputs", experiment: Optional[str] = None,
+               parent_run_id: Optional[str] = None, tags: Optional[Sequence[dict]] = None,
+               params: Optional[Sequence[dict]] = None, run_names: Optional[Sequence[str]] = None,
+               prune: Optional[Callable[[Member, dict], Optional[str]]] = None,
+               device: Optional[torch.device] = None) -> list[RunResult]:
+    """Train `specs` as one pack, each recorded as its own MLflow run (see the module docstring); `tags`, `params`
+    and `run_names`: per member, as runs.fit.train takes them. Returns each member's RunResult, in order."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
+    pack = Pack(specs, device=device)
+    pack_id = uuid.uuid4().hex[:12]
+    records, views, finals = [], [], []
+    for i, m in enumerate(pack.members):
+        extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_size": len(specs),
+                 "reslab.pack_index": i}
+        record = RunRecord(uri, m.spec, complexity(m.spec), output_dir=output_dir, experiment=experiment,
+                           run_name=(run_names or [None] * len(specs))[i], parent_run_id=parent_run_id,
+                           tags=extra, params=(params or [None] * len(specs))[i])
+        record.__enter__()
+        view = MemberView(m)
+        finals.append(checkpoint_dir(output_dir, record.run_id) / LAST)
+        record.follow(view, final=finals[-1], data=m.data)
+        tracking.log_datasets(record.client, record.run_id, m.data.dataset_inputs())
+        records.append(record)
+        views.append(view)
+    pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
+
+    def on_epoch(p: Pack, left: list[Member]) -> None:
+        for m in [*p.members, *left]:
+            record = records[m.index]
+            row = m.history[-1]
+            tracking.log_metrics(record.client, record.run_id, row, step=int(row["epoch"]))
+            checkpoint = p.member_checkpoint(m.index)
+            write_atomically(finals[m.index], lambda tmp: torch.save(checkpoint, tmp))
+        p.save(pack_file)
+        for m in left:
+            record, view = records[m.index], views[m.index]
+            if view.results:
+                tracking.log_metrics(record.client, record.run_id, view.results["test"],
+                                     step=int(m.history[-1]["epoch"]))
+            view.left()
+            exc = _ending(m)
+            record.__exit__(type(exc) if exc else None, exc, None)
+
+    try:
+        pack.fit(prune=prune, on_epoch=on_epoch)
+    except BaseException as e:
+        for record in records:
+            if not record.ended:
+                record.__exit__(type(e), e, None)
+        raise
+    return [record.result for record in records]
