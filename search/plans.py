@@ -126,6 +126,7 @@ class StudyDesign:
         match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
         for s in [*settings, *match]:
             apply_setting(data, source, s)
+        source.data = copy.deepcopy(data)     # diff_from_base: what the arm or sample (and seed) changed
         if threads is not None and (data.get("train") or {}).get("threads") is None:
             apply_setting(data, source, Setting("train.threads", threads, "<study>", None))
         if devices is not None:

@@ -104,6 +104,27 @@ def test_override_order_and_wildcards(tmp_path):
     assert {a.reference for a in plan.arms} == {"shortcut=A,depth=8"}
 
 
+def test_a_trials_diff_is_what_its_arm_or_sample_changed(tmp_path):
+    """diff_from_base of a cell or a search trial: its own settings against the study's document (base + set: +
+    --set), never the base file's stale values of keys the study set for every trial."""
+    from arches import diff_from_base
+
+    path = write(tmp_path, """
+        set: {data.train_subset: 1000, train.epochs: 2}
+        ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}
+        """)
+    plan = load_study_file(path, ["train.lr=0.05"])
+    # (the documents as written: resnet20.yaml states no seed)
+    assert diff_from_base(plan.arm_spec("B", 1, threads=2)) == {"block.shortcut": ("A", "B"),
+                                                                 "train.seed": (None, 1)}
+    assert diff_from_base(plan.arm_spec("A", 0)) == {"train.seed": (None, 0)}
+    search = write(tmp_path, """
+        search: {space: {block.shortcut: [A, B], stages.0.width: {low: 16, high: 24}}, trials: 2}
+        """, name="search.yaml")
+    spec = load_study_file(search).search_spec({"block.shortcut": "B", "stages.0.width": 20})
+    assert diff_from_base(spec) == {"block.shortcut": ("A", "B"), "stages.0.width": (16, 20)}
+
+
 def test_fingerprint_follows_the_definition(tmp_path):
     path = write(tmp_path, """
         ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}
