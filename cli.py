@@ -147,6 +147,7 @@ def cmd_run(args) -> int:
         raise ReslabError("give a spec file to train" if not args.resume else
                           "--set needs a spec file; --resume alone continues the recorded spec", file="run")
     from runs.fit import Interrupted, summary_lines, train
+    from runs.hints import program
     from runs.tracking import default_tracking_uri, remote_artifacts
 
     overrides = list(args.overrides)
@@ -167,14 +168,14 @@ def cmd_run(args) -> int:
         if e.rank == 0:
             store = f"--tracking-uri {uri}" if remote_artifacts(uri) else f"--output-dir {args.output_dir}"
             print(f"interrupted ({e.signal_name}): run {e.run_id} KILLED, checkpoint {e.checkpoint}; continue "
-                  f"with: python cli.py run --resume {e.run_id} {store}", file=sys.stderr)
+                  f"with: {program()} run --resume {e.run_id} {store}", file=sys.stderr)
         return e.exit_code
     if result.rank != 0:
         return 0 if result.status == "FINISHED" else 1
     if result.status != "FINISHED":
         print(f"run {result.run_id} failed: {result.reason}", file=sys.stderr)
         return 1
-    print("\n".join(summary_lines(result, uri)))
+    print("\n".join(summary_lines(result, uri, args.output_dir)))
     if args.register and not result.model_version:
         print(f"--register: the model was not registered: {result.model_error}", file=sys.stderr)
         return 1
