@@ -45,7 +45,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    p.add_argument("spec", nargs="+" if many else None, help="spec YAML file" + ("s" if many else ""))
+    p.add_argument("spec", nargs="+" if many else None, help="spec YAML file" + ("s" if many else "") +
+                   " (or the name of a shipped one: resnet20)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override spec values by dotted path, values parsed as YAML (stages.2.depth=8)")
 
@@ -269,7 +270,7 @@ def build_parser() -> Parser:
     p.set_defaults(handler=cmd_diagnose)
 
     p = sub.add_parser("run", help="train one spec with Lightning and record it as one MLflow run")
-    p.add_argument("spec", nargs="?", help="spec YAML file (optional with --resume)")
+    p.add_argument("spec", nargs="?", help="spec YAML file, or a shipped spec's name (optional with --resume)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override spec values by dotted path, values parsed as YAML (train.epochs=3)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (same MLflow run)")
@@ -342,6 +343,18 @@ def environment_defaults(args: argparse.Namespace) -> dict[str, str]:
     return taken
 
 
+def shipped_files(args: argparse.Namespace) -> None:
+    """Spec and study files given by name (resnet20, shortcuts) -> the files shipped with reslab (a path wins)."""
+    from arches.shipped import resolve_spec_file
+
+    for attr in ("spec", "file"):
+        value = getattr(args, attr, None)
+        if isinstance(value, list):
+            setattr(args, attr, [resolve_spec_file(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, attr, resolve_spec_file(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from arches.errors import ReslabError
@@ -349,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from_environment = environment_defaults(args)
     try:
+        shipped_files(args)
         with quiet():
             return args.handler(args) or 0
     except ReslabError as e:
