@@ -169,9 +169,9 @@ class AblationPlan(StudyDesign):
     kind: ClassVar[str] = "ablation"
     metric_path: ClassVar[tuple] = ("ablation", "metric")
     how_to_read: ClassVar[str] = (
-        "Each arm x seed is a child run (params arm, seed; tags arm, seed): group the runs by the tag `arm` to "
-        "compare arms, mean and spread over seeds. The parent run holds the report (results/results.md, the per-arm "
-        "table results/arms.json, curves.png).")
+        "Each arm x seed is a child run (params arm, seed; tags arm, seed). The parent run's description is the "
+        "report (per arm: n, mean ± std over seeds, Δ with 95% CI and p); its artifacts results/ hold the per-seed "
+        "values (results.md), the per-arm table arms.json and curves.png.")
 
     @property
     def objectives(self) -> list[Metric]:

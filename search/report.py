@@ -26,7 +26,7 @@ from arches.report import human
 from runs import tracking
 from runs.hints import ui_hint
 
-from . import keys, plots, recording
+from . import keys, plots, recording, views
 from .space import study_name_of
 from .stats import ArmStats, Comparison, compare_arms, describe
 from .storage import default_storage, open_storage, shown, with_driver
@@ -693,6 +693,7 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
     _dashboard_note(study, report)
     if parent:
         _log_parent_summary(client, parent, report)
+        views.publish(client, parent, report, (study.user_attrs.get(keys.META) or {}).get("description") or "")
         if interrupted:
             client.set_terminated(parent, status="KILLED")
         elif is_done(study):
