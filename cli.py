@@ -380,4 +380,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("RESLAB_PROGRAM", "python cli.py")   # (runs.hints.program: what messages suggest)
     sys.exit(main())

@@ -2,6 +2,7 @@
 `reslab` (the console script) from an installed package; and the one that opens a run's store in the MLflow UI."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Union
@@ -9,10 +10,13 @@ from typing import Optional, Union
 DEFAULT_OUTPUT_DIR = "outputs"   # the CLI's default --output-dir
 
 
+PROGRAM_ENV = "RESLAB_PROGRAM"   # set by `python cli.py`, so that its worker processes name it too
+
+
 def program() -> str:
-    """'python cli.py' when this process is cli.py, else 'reslab'."""
+    """'python cli.py' when this process is cli.py (or a worker it started), else 'reslab'."""
     entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return "python cli.py" if entry == "cli.py" else "reslab"
+    return os.environ.get(PROGRAM_ENV) or ("python cli.py" if entry == "cli.py" else "reslab")
 
 
 def ui_hint(tracking_uri: str, output_dir: Union[str, Path, None] = None) -> str:

@@ -122,8 +122,9 @@ def test_where_an_ablation_is_looked_at(ablation):
 
     summary = json.loads(run_cli("report", str(path), "--output-dir", str(out), "--json").stdout)
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("Three shortcut options on a tiny ResNet.")
-    assert "| arm | n | mean ± std | Δ vs A | 95% CI | p | p (Holm) |" in note
+    assert note.startswith("**test/error (%)**, minimize; mean ± std over seeds\n\n"
+                           "| arm | n | mean ± std | Δ vs A | 95% CI | p | p (Holm) |")
+    assert note.endswith("Three shortcut options on a tiny ResNet.\nTwo seeds each.")
     c = next(r for r in summary["results"]["test/error"] if r["arm"] == "C")
     lo, hi = c["comparison"]["ci_low"], c["comparison"]["ci_high"]
     assert (f"| C | 2 | {100 * c['mean']:.2f} ± {100 * c['std']:.2f} | {100 * c['comparison']['diff']:+.2f} | "

@@ -260,6 +260,7 @@ def test_the_hint_after_a_run_opens_its_store(tmp_path, monkeypatch):
 
     result = RunResult("r1", "FINISHED", {})
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RESLAB_PROGRAM", raising=False)          # (what `python cli.py` tells its workers)
     monkeypatch.setattr(sys, "argv", ["/venv/bin/reslab", "run"])
     mine = tmp_path / "runs" / "x"
     assert summary_lines(result, default_tracking_uri(mine), "runs/x")[-1].startswith(
