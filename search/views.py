@@ -89,9 +89,10 @@ def parent_note(report: Any, description: str, experiment_id: str) -> str:
 
 
 def experiment_note(note: str, experiment_id: str) -> str:
-    """The experiment's description with a link to the saved trials view (added once)."""
+    """The experiment's description with a link to the saved trials view first (MLflow shows the description's
+    first line above the runs table), added once."""
     link = f"[Open the trials table: arm, seed and metrics of every trial]({view_url(experiment_id)})"
-    return note if view_url(experiment_id) in note else (note.rstrip() + "\n\n" + link).strip()
+    return note if view_url(experiment_id) in note else (link + "\n\n" + note.strip()).strip()
 
 
 def publish(client: Any, parent_run_id: str, report: Any, description: str = "") -> None:
