@@ -1,11 +1,13 @@
-"""reslab as a user installs it: the wheel built from this tree, installed into a fresh venv (system site-packages
-for torch and the other dependencies), run from a folder outside the checkout: shipped specs and study files
-resolve by name, a path in the folder still wins, and what a run prints names `reslab`, not `python cli.py`."""
+"""reslab as a user installs it: the wheel built from this tree, installed into a fresh venv (this interpreter's
+site-packages for torch and the other dependencies), run from a folder outside the checkout: shipped specs and
+study files resolve by name, a path in the folder still wins, and what a run prints names `reslab`, not
+`python cli.py`."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,11 @@ def installed(tmp_path_factory):
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp / "dist").glob("reslab-*.whl")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=600)
+    # torch and the other dependencies: this interpreter's site-packages (a venv's own too, as CI's is), after the
+    # new venv's own; their .pth files are not read, so an editable reslab installed here does not shadow the wheel
+    (site_dir,) = venv.glob("lib/python*/site-packages")
+    (site_dir / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
                            "--force-reinstall", "-q", str(wheel)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
