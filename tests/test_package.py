@@ -4,6 +4,7 @@ study files resolve by name, a path in the folder still wins, and what a run pri
 `python cli.py`."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -28,8 +29,9 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("package")
     tree = tmp / "tree"
     shutil.copytree(ROOT, tree, ignore=COPY_IGNORE)        # (the build writes build/ and *.egg-info into its tree)
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=600)
+    offline = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []   # (else pip fetches it)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", *offline, "-q", "-w",
+                           str(tmp / "dist")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp / "dist").glob("reslab-*.whl")
     venv = tmp / "venv"
