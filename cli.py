@@ -45,7 +45,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    p.add_argument("spec", nargs="+" if many else None, help="spec YAML file" + ("s" if many else ""))
+    p.add_argument("spec", nargs="+" if many else None, help="spec YAML file" + ("s" if many else "") +
+                   " (or the name of a shipped one: resnet20)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override spec values by dotted path, values parsed as YAML (stages.2.depth=8)")
 
@@ -150,6 +151,7 @@ def cmd_run(args) -> int:
         raise ReslabError("give a spec file to train" if not args.resume else
                           "--set needs a spec file; --resume alone continues the recorded spec", file="run")
     from runs.fit import Interrupted, summary_lines, train
+    from runs.hints import program
     from runs.tracking import default_tracking_uri, remote_artifacts
 
     overrides = list(args.overrides)
@@ -170,14 +172,14 @@ def cmd_run(args) -> int:
         if e.rank == 0:
             store = f"--tracking-uri {uri}" if remote_artifacts(uri) else f"--output-dir {args.output_dir}"
             print(f"interrupted ({e.signal_name}): run {e.run_id} KILLED, checkpoint {e.checkpoint}; continue "
-                  f"with: python cli.py run --resume {e.run_id} {store}", file=sys.stderr)
+                  f"with: {program()} run --resume {e.run_id} {store}", file=sys.stderr)
         return e.exit_code
     if result.rank != 0:
         return 0 if result.status == "FINISHED" else 1
     if result.status != "FINISHED":
         print(f"run {result.run_id} failed: {result.reason}", file=sys.stderr)
         return 1
-    print("\n".join(summary_lines(result, uri)))
+    print("\n".join(summary_lines(result, uri, args.output_dir)))
     if args.register and not result.model_version:
         print(f"--register: the model was not registered: {result.model_error}", file=sys.stderr)
         return 1
@@ -274,7 +276,7 @@ def build_parser() -> Parser:
     p.set_defaults(handler=cmd_diagnose)
 
     p = sub.add_parser("run", help="train one spec with Lightning and record it as one MLflow run")
-    p.add_argument("spec", nargs="?", help="spec YAML file (optional with --resume)")
+    p.add_argument("spec", nargs="?", help="spec YAML file, or a shipped spec's name (optional with --resume)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override spec values by dotted path, values parsed as YAML (train.epochs=3)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (same MLflow run)")
@@ -347,6 +349,18 @@ def environment_defaults(args: argparse.Namespace) -> dict[str, str]:
     return taken
 
 
+def shipped_files(args: argparse.Namespace) -> None:
+    """Spec and study files given by name (resnet20, shortcuts) -> the files shipped with reslab (a path wins)."""
+    from arches.shipped import resolve_spec_file
+
+    for attr in ("spec", "file"):
+        value = getattr(args, attr, None)
+        if isinstance(value, list):
+            setattr(args, attr, [resolve_spec_file(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, attr, resolve_spec_file(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from arches.errors import ReslabError
@@ -354,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from_environment = environment_defaults(args)
     try:
+        shipped_files(args)
         with quiet():
             return args.handler(args) or 0
     except ReslabError as e:
@@ -371,4 +386,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("RESLAB_PROGRAM", "python cli.py")   # (runs.hints.program: what messages suggest)
     sys.exit(main())

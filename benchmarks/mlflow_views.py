@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Screenshots of the real MLflow UI (headless Chromium, Debian's package `chromium`) over what reslab records:
-a registered single run and a 3-arm ablation on Fashion-MNIST subsets, served by `python cli.py ui`.
+"""Screenshots of the real MLflow UI and optuna-dashboard (headless Chromium, Debian's package `chromium`) over
+what reslab records: a registered single run and a 3-arm ablation on Fashion-MNIST subsets, served by
+`python cli.py ui` and `optuna-dashboard`.
 
     python benchmarks/mlflow_views.py [--out DIR] [--port 5077]     # ~2 min on 2 CPU cores; PNGs in DIR/shots
 
@@ -89,30 +90,42 @@ def main() -> int:
     host = f"http://127.0.0.1:{args.port}"
     ui = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ui", "--port", str(args.port), "--output-dir",
                            str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    board = subprocess.Popen([sys.executable, "-c", "from optuna_dashboard._cli import main; main()",
+                              f"sqlite:///{out / 'optuna.db'}", "--port",
+                              str(args.port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     failures = []
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{host}/health", timeout=3).close()
-                break
-            except OSError:
-                time.sleep(1)
+        for url in (f"{host}/health", f"http://127.0.0.1:{args.port + 1}/api/meta"):
+            for _ in range(120):
+                try:
+                    urllib.request.urlopen(url, timeout=3).close()
+                    break
+                except OSError:
+                    time.sleep(1)
         e, s = ablation.experiment_id, single.info.experiment_id
-        trials = "?searchFilter=" + urllib.parse.quote("params.arm LIKE '%'")   # the children, unfolded
+        shared = "?viewStateShareKey=reslab-trials"          # the saved trials view reslab makes (search.views)
+        (model,) = client.search_logged_models(experiment_ids=[s])
         views = [  # (file, url, what the rendered page must contain)
             ("1_experiments.png", f"{host}/#/experiments", ["ablation/views_demo", "fmnist_resnet"]),
-            ("2_ablation_runs.png", f"{host}/#/experiments/{e}/runs{trials}", ["A seed 0", "fashion-mnist"]),
-            ("3_ablation_charts.png", f"{host}/#/experiments/{e}/runs{trials}&compareRunsMode=CHART",
-             ["val/error"]),
+            ("2_ablation_runs.png", f"{host}/#/experiments/{e}/runs{shared}", ["A seed 0", "arm", "test/error"]),
+            ("3_ablation_charts.png", f"{host}/#/experiments/{e}/runs{shared}&compareRunsMode=CHART",
+             ["test/error"]),
             ("3b_runs_table.png", f"{host}/#/experiments/{s}/runs", ["fmnist_resnet20", "fashion-mnist"]),
             ("4_parent_run.png", f"{host}/#/experiments/{e}/runs/{parent.info.run_id}",
-             ["Shortcut options A/B/C", "reslab.trials"]),
+             ["Shortcut options A/B/C", "mean ± std", "95% CI", "Δ vs A"]),
             ("5_arms_table.png", f"{host}/#/experiments/{e}/runs/{parent.info.run_id}/artifacts/results/arms.json",
              ["p_holm", "seed 1"]),
             ("6_single_run.png", f"{host}/#/experiments/{s}/runs/{run_id}",
              ["fashion-mnist", "model", "test/acc"]),
-            ("7_logged_models.png", f"{host}/#/experiments/{s}/models", ["model"]),
+            ("7_logged_models.png", f"{host}/#/experiments/{s}/models", ["model", "fmnist-resnet8"]),
+            ("7b_logged_model.png", f"{host}/#/experiments/{s}/models/{model.model_id}", ["fmnist-resnet8"]),
             ("8_registered_model.png", f"{host}/#/models/fmnist-resnet8", ["Version 1"]),
+            ("8b_model_version.png", f"{host}/#/models/fmnist-resnet8/versions/1", ["Version 1", run_id[:8]]),
+        ]
+        dashboard = f"http://127.0.0.1:{args.port + 1}"
+        views += [
+            ("9_optuna_study.png", f"{dashboard}/dashboard/studies/1", ["views_demo", "arm"]),
+            ("9b_optuna_trials.png", f"{dashboard}/dashboard/studies/1/trials", ["MLflow run", "#/experiments/"]),
         ]
         for name, url, needed in views:
             dom = chromium(url, shots / name, size="1600,1100" if "run" in name else "1600,900")
@@ -121,8 +134,9 @@ def main() -> int:
             if missing:
                 failures.append(name)
     finally:
-        ui.send_signal(signal.SIGTERM)
-        ui.wait(timeout=60)
+        for proc in (ui, board):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
     return 1 if failures else 0
 
 

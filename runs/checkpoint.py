@@ -111,13 +111,14 @@ def _local_path(uri: str) -> Optional[Path]:
 
 
 def find_checkpoint(run_id: str, tracking_uri: Optional[str] = None,
-                    output_dir: Union[str, Path, None] = None) -> Path:
+                    output_dir: Union[str, Path, None] = None, store_hint: str = "--tracking-uri") -> Path:
     """The checkpoint of an MLflow run: its artifact checkpoints/last.ckpt, else
-    <output_dir>/checkpoints/<run_id>/last.ckpt (output_dir defaults to the sqlite store's folder)."""
+    <output_dir>/checkpoints/<run_id>/last.ckpt (output_dir defaults to the sqlite store's folder); `store_hint`: how
+    the caller names another store in the error when there is none."""
     store = sqlite_path(tracking_uri) if tracking_uri else Path(output_dir or "outputs") / "mlflow.db"
     if store is not None and not store.is_file():           # (a look-up never makes a store)
         raise ReslabError(f"no MLflow store at {store} to find run '{run_id}' in; give a .ckpt path or "
-                          f"--tracking-uri", file="run id")
+                          f"{store_hint}", file="run id")
     client = client_for(tracking_uri, output_dir or "outputs")
     try:
         run = client.get_run(run_id)
@@ -192,11 +193,17 @@ init_checkpoint = InitCheckpoint()   # $MLFLOW_TRACKING_URI, else outputs/mlflow
 
 def load_model(ref: Union[str, Path], tracking_uri: Optional[str] = None,
                output_dir: Union[str, Path, None] = None) -> tuple[Spec, Network]:
-    """(spec, network with trained weights, eval mode) from a .ckpt path or an MLflow run id (looked up in
-    `tracking_uri`, else the store in `output_dir`)."""
+    """(spec, network with trained weights, eval mode: call .train() to go on training it) from a .ckpt path or an
+    MLflow run id. A run id is looked up in `tracking_uri`, else MLflow's own tracking URI when one is set
+    (mlflow.set_tracking_uri or $MLFLOW_TRACKING_URI), else the store in `output_dir` (default outputs/mlflow.db)."""
+    import mlflow
+
     path = Path(str(ref)).expanduser()
     if not (path.suffix == ".ckpt" or path.exists()):
-        path = find_checkpoint(str(ref), tracking_uri, output_dir)
+        if tracking_uri is None and output_dir is None and mlflow.is_tracking_uri_set():
+            tracking_uri = mlflow.get_tracking_uri()
+        path = find_checkpoint(str(ref), tracking_uri, output_dir,
+                               store_hint="tracking_uri= (or mlflow.set_tracking_uri)")
     checkpoint = read_checkpoint(path)
     spec = spec_of(checkpoint, str(path))
     model = build_model(spec)

@@ -259,8 +259,10 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
         return record.result
 
 
-def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
-    """What the CLI prints after a run: result, run id and how to look at it."""
+def summary_lines(result: RunResult, tracking_uri: str, output_dir: Optional[Union[str, Path]] = None) -> list[str]:
+    """What the CLI prints after a run: result, run id and how to look at it (the store of `output_dir`)."""
+    from .hints import program, ui_hint
+
     lines = []
     if "test/acc" in result.metrics:
         m = {k: result.metrics.get(k, float("nan")) for k in ("test/acc", "test/error", "test/loss")}
@@ -270,12 +272,9 @@ def summary_lines(result: RunResult, tracking_uri: str) -> list[str]:
     if result.model_uri:
         lines.append(f"model {result.model_uri}" + (f"  (registered version {result.model_version})"
                                                      if result.model_version else "") +
-                     "   (mlflow.pytorch.load_model; export: python cli.py export RUN_ID --format torch.export)")
+                     f"   (mlflow.pytorch.load_model; export: {program()} export RUN_ID --format torch.export)")
     elif result.model_error:
         lines.append(f"no MLflow model: {result.model_error}")
-    if tracking.remote_artifacts(tracking_uri):
-        lines.append(f"see it: {tracking_uri.rstrip('/')}/#/experiments   (the tracking server's UI)")
-    else:
-        lines.append(f"see it: mlflow ui --backend-store-uri {tracking_uri}   (or: python cli.py ui)")
+    lines.append(ui_hint(tracking_uri, output_dir))
     return lines
 

@@ -26,6 +26,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS   # on a logged model: its versions [{name, version}]
 
 from arches import Complexity, Spec, diff_from_base, spec_hash
 from arches.errors import ReslabError, first_line
@@ -412,14 +413,20 @@ def check_model_name(name: str) -> str:
 
 
 def register_model(client: MlflowClient, name: str, source: str, run_id: str, model_id: str) -> str:
-    """A new version of registered model `name` (created when missing) from the logged model; its version."""
+    """A new version of registered model `name` (created when missing) from the logged model, linked to it as
+    mlflow.register_model links them: the logged model's tag mlflow.modelVersions lists the version (the UI's model
+    page reads it; MLflow's SQL registry keeps no model_id on the version itself). Returns the version."""
     try:
         client.create_registered_model(name)
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return str(client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
-                                           await_creation_for=0).version)
+    version = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
+                                          await_creation_for=0).version
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        listed + [{"name": name, "version": int(version)}])})
+    return str(version)
 
 
 # ---- reading ---------------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ def __getattr__(name: str):  # heavy modules (torch, optuna, mlflow) load on fir
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `ablate` and `search`."""
-    p.add_argument("file", help="ablation or search YAML file")
+    p.add_argument("file", help="ablation or search YAML file, or a shipped one's name (shortcuts)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override the base spec for every trial (applied after the file's `set:`)")
+                   help="override the base spec for every trial (applied after the file's `set:`), or a key of "
+                        "the file itself: search.trials=4, ablation.seeds=5, devices_per_trial=2, study.name=x")
     p.add_argument("--workers", type=int, help="worker processes, each running one trial at a time (default: 1; "
                                                "with GPUs and --devices-per-trial K: GPUs / K)")
     p.add_argument("--devices-per-trial", type=int, metavar="K",

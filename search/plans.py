@@ -126,6 +126,7 @@ class StudyDesign:
         match = [] if width_multiplier is None else [Setting("width_multiplier", width_multiplier, "<match>", None)]
         for s in [*settings, *match]:
             apply_setting(data, source, s)
+        source.data = copy.deepcopy(data)     # diff_from_base: what the arm or sample (and seed) changed
         if threads is not None and (data.get("train") or {}).get("threads") is None:
             apply_setting(data, source, Setting("train.threads", threads, "<study>", None))
         if devices is not None:
@@ -168,9 +169,9 @@ class AblationPlan(StudyDesign):
     kind: ClassVar[str] = "ablation"
     metric_path: ClassVar[tuple] = ("ablation", "metric")
     how_to_read: ClassVar[str] = (
-        "Each arm x seed is a child run (params arm, seed; tags arm, seed): group the runs by the tag `arm` to "
-        "compare arms, mean and spread over seeds. The parent run holds the report (results/results.md, the per-arm "
-        "table results/arms.json, curves.png).")
+        "Each arm x seed is a child run (params arm, seed; tags arm, seed). The parent run's description is the "
+        "report (per arm: n, mean ± std over seeds, Δ with 95% CI and p); its artifacts results/ hold the per-seed "
+        "values (results.md), the per-arm table arms.json and curves.png.")
 
     @property
     def objectives(self) -> list[Metric]:

@@ -24,8 +24,9 @@ from rich.table import Table
 from arches.errors import ReslabError, did_you_mean
 from arches.report import human
 from runs import tracking
+from runs.hints import ui_hint
 
-from . import keys, plots, recording
+from . import keys, plots, recording, views
 from .space import study_name_of
 from .stats import ArmStats, Comparison, compare_arms, describe
 from .storage import default_storage, open_storage, shown, with_driver
@@ -159,6 +160,7 @@ class MlflowPlace:
     """Where a study's MLflow records are."""
     tracking_uri: str
     experiment: str
+    output_dir: Optional[str] = None                     # the --output-dir it was given (for the UI's hint)
 
 
 @dataclass(kw_only=True)
@@ -606,7 +608,7 @@ def print_report(report: StudyReport, console: Optional[Console] = None) -> None
     if report.mlflow:
         m = report.mlflow
         console.print(f"MLflow: experiment '{m.experiment}' in {m.tracking_uri} (curves, children, "
-                      f"artifacts: python cli.py ui)", soft_wrap=True)
+                      f"artifacts); {ui_hint(m.tracking_uri, m.output_dir)}", soft_wrap=True)
 
 
 # ---- files ----------------------------------------------------------------------------------------------
@@ -691,6 +693,7 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
     _dashboard_note(study, report)
     if parent:
         _log_parent_summary(client, parent, report)
+        views.publish(client, parent, report, (study.user_attrs.get(keys.META) or {}).get("description") or "")
         if interrupted:
             client.set_terminated(parent, status="KILLED")
         elif is_done(study):
@@ -739,7 +742,7 @@ def study_report(ref: str, storage: Optional[str] = None, output_dir: str = "out
     report = summarize(study)
     if tracking_uri is None:
         tracking_uri = f"sqlite:///{Path(output_dir).expanduser().resolve() / 'mlflow.db'}"
-    report.mlflow = MlflowPlace(tracking_uri, recording.experiment_name(report.kind, report.study))
+    report.mlflow = MlflowPlace(tracking_uri, recording.experiment_name(report.kind, report.study), str(output_dir))
     return report
 
 

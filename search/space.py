@@ -35,6 +35,7 @@ from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
 from .matching import match_arms
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
 from .settings import Setting, apply_setting, expand_key  # noqa: F401  (search.space.Setting: the loader's words)
+from .overrides import set_study_key, split_overrides
 
 # Final metrics of a training run (runs.fit) and cost figures reslab measures itself.
 RUN_METRICS = ("train/loss", "train/acc", "train/error", "val/loss", "val/acc", "val/error", "test/loss",
@@ -313,6 +314,9 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     lines: dict = {}
     raw = read_yaml(path, lines)
     where = Source(file=display_path(path), lines=lines)
+    study_keys, overrides = split_overrides(overrides)    # --set search.trials=4: the file's own keys
+    for key, value in study_keys:
+        set_study_key(raw, where, key, value)
     if isinstance(raw, dict) and not {"ablation", "search"} & raw.keys() and {"stages", "block", "train"} & raw.keys():
         raise SpecError(f"this is a network spec, not an ablation or search file; train it with `python cli.py run "
                         f"{path}`", file=where.file)

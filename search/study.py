@@ -39,7 +39,7 @@ from runs.fit import uses_cuda
 from runs.quiet import quiet
 from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
-from . import capacity, keys, liveness, recording
+from . import capacity, keys, liveness, recording, views
 from .objective import TrialContext, record, run_trial
 from .report import StudyReport, finalize
 from .kinds import STUDY_KINDS
@@ -440,6 +440,8 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
                                     reason=str(e))
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):   # (failed as stale meanwhile)
+            views.link_trial(trial, ctx.tracking_uri, ctx.experiment_id, outcome.run_id, opts.output_dir)
         if tell_outcome(study, trial, outcome, client, prepared.devices):
             print(prefix + _describe(plan, trial, outcome), flush=True)
         else:

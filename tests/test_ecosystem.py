@@ -125,6 +125,9 @@ def test_a_finished_run_is_an_mlflow_model_in_the_registry(finished, monkeypatch
     assert load_spec(local / "spec.yaml").name == spec.name
     version = client.get_model_version("reslab-tiny", "1")
     assert version.run_id == result.run_id and version.status == "READY"
+    # linked both ways, as mlflow.register_model links them (the UI's model page lists the version)
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "reslab-tiny", "version": 1}]
+    assert client.get_model_version_download_uri("reslab-tiny", "1") == model.artifact_location
 
     # the data set as dataset inputs, the source fields, exact accuracies
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
@@ -139,6 +142,28 @@ def test_a_finished_run_is_an_mlflow_model_in_the_registry(finished, monkeypatch
     assert tags["mlflow.source.git.commit"] == head and tags["git_commit"] == head   # the checkout's commit
     assert is_ratio_of(run.data.metrics["test/acc"], 250) and is_ratio_of(run.data.metrics["val/acc"], 256)
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"]
+
+
+def test_load_model_finds_a_run_where_mlflow_is_pointed(finished, monkeypatch, tmp_path):
+    """runs.checkpoint.load_model(RUN_ID) reads the store of mlflow.set_tracking_uri or $MLFLOW_TRACKING_URI (from a
+    folder with no outputs/ of its own); without either its error names tracking_uri=, not a CLI flag."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    from arches.errors import ReslabError
+
+    out, spec, result = finished
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, "_tracking_uri", None)          # (restored after the test)
+    with pytest.raises(ReslabError) as info:
+        load_model(result.run_id)
+    assert "tracking_uri=" in str(info.value) and "--" not in str(info.value)
+    mlflow.set_tracking_uri(default_tracking_uri(out))
+    back, network = load_model(result.run_id)
+    assert spec_hash(back) == spec_hash(spec) and not network.training
+    mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(out))
+    assert spec_hash(load_model(result.run_id)[0]) == spec_hash(spec)
 
 
 def test_a_resumed_run_keeps_one_set_of_dataset_inputs(fashion_mnist, tmp_path):

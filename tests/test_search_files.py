@@ -104,6 +104,60 @@ def test_override_order_and_wildcards(tmp_path):
     assert {a.reference for a in plan.arms} == {"shortcut=A,depth=8"}
 
 
+def test_a_trials_diff_is_what_its_arm_or_sample_changed(tmp_path):
+    """diff_from_base of a cell or a search trial: its own settings against the study's document (base + set: +
+    --set), never the base file's stale values of keys the study set for every trial."""
+    from arches import diff_from_base
+
+    path = write(tmp_path, """
+        set: {data.train_subset: 1000, train.epochs: 2}
+        ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}
+        """)
+    plan = load_study_file(path, ["train.lr=0.05"])
+    # (the documents as written: resnet20.yaml states no seed)
+    assert diff_from_base(plan.arm_spec("B", 1, threads=2)) == {"block.shortcut": ("A", "B"),
+                                                                 "train.seed": (None, 1)}
+    assert diff_from_base(plan.arm_spec("A", 0)) == {"train.seed": (None, 0)}
+    search = write(tmp_path, """
+        search: {space: {block.shortcut: [A, B], stages.0.width: {low: 16, high: 24}}, trials: 2}
+        """, name="search.yaml")
+    spec = load_study_file(search).search_spec({"block.shortcut": "B", "stages.0.width": 20})
+    assert diff_from_base(spec) == {"block.shortcut": ("A", "B"), "stages.0.width": (16, 20)}
+
+
+def test_every_study_file_key_can_be_set_on_the_command_line(tmp_path, capsys):
+    """--set KEY=VALUE on a study file's own keys (the budget, seeds, axes, a range's end, the study's name);
+    other keys still override the base spec; a bad value is located at --set, one line, exit 2."""
+    search = write(tmp_path, """
+        search:
+          space: {block.shortcut: [A, B], stages.0.width: {low: 16, high: 24}}
+          trials: 20
+        """, name="search.yaml")
+    plan = load_study_file(search, ["search.trials=4", "search.space.stages.0.width.high=32", "train.lr=0.05",
+                                    "study.name=budget", "search.sampler=random", "set.train.momentum=0.5"])
+    assert (plan.trials, plan.name, plan.sampler) == (4, "budget", "random")
+    width = next(d for d in plan.dimensions if d.key == "stages.0.width")
+    assert (width.low, width.high) == (16, 32)
+    spec = plan.search_spec({"block.shortcut": "B", "stages.0.width": 32})
+    assert (spec.train.lr, spec.train.momentum, spec.stages[0].width) == (0.05, 0.5, 32)
+
+    ablation = write(tmp_path, "ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}\n")
+    plan = load_study_file(ablation, ["ablation.seeds=[3, 4, 5]", "ablation.axes.block.shortcut=[A, C]",
+                                      "devices_per_trial=2"])
+    assert plan.seeds == [3, 4, 5] and [a.name for a in plan.arms] == ["A", "C"] and plan.devices_per_trial == 2
+    assert plan.arm_spec("C", 3).block.shortcut == "C"
+
+    for override, expected in (
+            ("search.trials=0", "--set: search.trials: Input should be greater than or equal to 1"),
+            ("search.sampler=tpee", "--set: search.sampler: "),
+            ("search.space.stages.0.width.low=99", "search.yaml:5: search.space.stages.0.width: low (99) must be "
+                                                   "below high (24)"),
+            ("search.objectives.3=val/acc", "--set: search.objectives: Input should be a valid list")):
+        err = cli_error(capsys, "search", str(search), "--set", override, "--output-dir", str(tmp_path / "out"))
+        assert err.startswith(expected) or expected in err and err.startswith(str(search)), err
+    assert not (tmp_path / "out" / "optuna.db").exists()
+
+
 def test_fingerprint_follows_the_definition(tmp_path):
     path = write(tmp_path, """
         ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 2}

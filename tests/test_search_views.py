@@ -75,7 +75,7 @@ def test_ablation_report_names_its_test_and_gives_seeds_and_holm(ablation):
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablation/options")
-    assert experiment.tags["mlflow.note.content"].startswith("Three shortcut options on a tiny ResNet.\nTwo seeds")
+    assert "Three shortcut options on a tiny ResNet.\nTwo seeds" in experiment.tags["mlflow.note.content"]
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("reslab.role") == "study"]
     kids = [r for r in runs if r.data.tags.get("reslab.role") == "trial"]
@@ -101,3 +101,53 @@ def test_ablation_report_names_its_test_and_gives_seeds_and_holm(ablation):
     assert f"| C | {100 * c['0']:.2f} | {100 * c['1']:.2f} |" in test_section      # test/error, seeds 0 and 1
     kid = next(k for k in kids if k.data.params["arm"] == "C" and k.data.params["seed"] == "1")
     assert kid.data.metrics["test/error"] == c["1"]
+
+
+def test_where_an_ablation_is_looked_at(ablation):
+    """Each trial's diff is its arm's and seed's settings; the parent run's description (what MLflow shows where the
+    run page opens) is the report with mean ± std, Δ, CI and p per arm; the experiment has a saved runs view of the
+    trials (arm, seed, the metrics) linked from its description; each Optuna trial links to its MLflow run, as a
+    user attribute and as its note in optuna-dashboard."""
+    path, out, _ = ablation
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ablation/options")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("reslab.role") == "study"]
+    kids = {(k.data.params["arm"], k.data.params["seed"]): k for k in runs if k.data.tags.get("reslab.role") == "trial"}
+    assert kids["B", "1"].data.tags["diff"] == 'block.shortcut: "A" -> "B"; train.seed: null -> 1'
+    assert kids["A", "0"].data.tags["diff"] == "train.seed: null -> 0"
+    folder = Path(client.download_artifacts(kids["C", "1"].info.run_id, "", str(out / "kid")))
+    assert json.loads((folder / "diff_from_base.json").read_text()) == {
+        "block.shortcut": {"base": "A", "value": "C"}, "train.seed": {"base": None, "value": 1}}
+
+    summary = json.loads(run_cli("report", str(path), "--output-dir", str(out), "--json").stdout)
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**test/error (%)**, minimize; mean ± std over seeds\n\n"
+                           "| arm | n | mean ± std | Δ vs A | 95% CI | p | p (Holm) |")
+    assert note.endswith("Three shortcut options on a tiny ResNet.\nTwo seeds each.")
+    c = next(r for r in summary["results"]["test/error"] if r["arm"] == "C")
+    lo, hi = c["comparison"]["ci_low"], c["comparison"]["ci_high"]
+    assert (f"| C | 2 | {100 * c['mean']:.2f} ± {100 * c['std']:.2f} | {100 * c['comparison']['diff']:+.2f} | "
+            f"{100 * lo:+.2f}…{100 * hi:+.2f} |") in note
+
+    e = experiment.experiment_id
+    view = json.loads(experiment.tags["mlflow.sharedViewState.reslab-trials"])
+    assert view["selectedColumns"] == ["params.`arm`", "params.`seed`", "metrics.`test/error`", "metrics.`train/error`"]
+    assert view["searchFilter"] == "tags.`reslab.role` = 'trial'"
+    matched = client.search_runs([e], filter_string=view["searchFilter"])     # the filter is one MLflow accepts
+    assert sorted(r.info.run_id for r in matched) == sorted(k.info.run_id for k in kids.values())
+    assert experiment.tags["mlflow.note.content"].startswith(
+        f"[Open the trials table: arm, seed and metrics of every trial](#/experiments/{e}/runs?viewStateShareKey="
+        f"reslab-trials)\n\nThree shortcut options on a tiny ResNet.")
+
+    import optuna
+
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    study = optuna.load_study(study_name="options", storage=storage)
+    urls = {t.number: t.user_attrs["reslab.mlflow_url"] for t in study.trials}
+    for t in study.trials:
+        run_id = t.user_attrs["reslab.run_id"]
+        assert urls[t.number] == f"http://127.0.0.1:5000/#/experiments/{e}/runs/{run_id}"
+    detail = dashboard_get(storage, f"/api/studies/{study._study_id}")
+    notes = {t["number"]: t["note"]["body"] for t in detail["trials"]}
+    assert all(f"]({urls[n]})" in body for n, body in notes.items()) and len(notes) == 6

@@ -253,3 +253,25 @@ def test_the_summary_of_a_run_whose_test_loss_was_not_finite():
 
     lines = summary_lines(RunResult("r1", "FINISHED", {"test/acc": 0.1, "test/error": 0.9}), "sqlite:///x.db")
     assert lines[0] == "test accuracy 0.1000  (error 90.00%, loss nan)" and "r1" in lines[1]
+
+
+def test_the_hint_after_a_run_opens_its_store(tmp_path, monkeypatch):
+    """`see it:` names the store's flag (--output-dir, --tracking-uri; none for outputs/) and the program as it was
+    started: `python cli.py` from a checkout, `reslab` from an installed package."""
+    import sys
+
+    from runs.fit import RunResult, summary_lines
+    from runs.tracking import default_tracking_uri
+
+    result = RunResult("r1", "FINISHED", {})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RESLAB_PROGRAM", raising=False)          # (what `python cli.py` tells its workers)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/reslab", "run"])
+    mine = tmp_path / "runs" / "x"
+    assert summary_lines(result, default_tracking_uri(mine), "runs/x")[-1].startswith(
+        "see it: reslab ui --output-dir runs/x   (or: mlflow ui --backend-store-uri sqlite:///")
+    assert summary_lines(result, default_tracking_uri("outputs"), "outputs")[-1].startswith("see it: reslab ui   (")
+    monkeypatch.setattr(sys, "argv", ["cli.py", "run"])
+    assert summary_lines(result, "sqlite:////data/m.db", "outputs")[-1].startswith(
+        "see it: python cli.py ui --tracking-uri sqlite:////data/m.db")
+    assert summary_lines(result, "http://host:5000")[-1].startswith("see it: http://host:5000/#/experiments")
