@@ -165,6 +165,7 @@ class AblationPlan(StudyDesign):
     seeds: list[int] = field(default_factory=list)
     match: Any = None                                    # MatchSpec: compute-matched widths (None: as written)
     pivot: Any = None                                    # PivotSpec: an extra report view (None: none)
+    seed_rule: Any = None                                # SeedRule: how many of `seeds` run (search.seeding)
     kind: ClassVar[str] = "ablation"
     metric_path: ClassVar[tuple] = ("ablation", "metric")
     how_to_read: ClassVar[str] = (
@@ -221,7 +222,9 @@ class AblationPlan(StudyDesign):
         return f"{params.get('arm')} seed {params.get('seed')}"
 
     def size(self) -> str:
-        return f"{len(self.arms)} arms x {len(self.seeds)} seeds"
+        rule = self.seed_rule
+        seeds = f"{rule.min}..{rule.max} seeds to ±{rule.precision:g}" if rule else f"{len(self.seeds)} seeds"
+        return f"{len(self.arms)} arms x {seeds}"
 
     def fingerprint_parts(self) -> Any:
         return [[a.name, s, spec_hash(self.arm_spec(a.name, s))] for a in self.arms for s in self.seeds]
@@ -231,7 +234,8 @@ class AblationPlan(StudyDesign):
                 "arms": [{"name": a.name, "labels": a.labels, "reference": a.reference,
                           "width_multiplier": a.width_multiplier} for a in self.arms],
                 "match": self.match.model_dump() if self.match else None,
-                "pivot": self.pivot.model_dump() if self.pivot else None}
+                "pivot": self.pivot.model_dump() if self.pivot else None,
+                "seed_rule": self.seed_rule.model_dump() if self.seed_rule else None}
 
 
 @dataclass(kw_only=True)

@@ -26,6 +26,7 @@ from arches.report import human
 from runs import tracking
 
 from . import keys, plots, recording
+from .seeding import seeding_lines, summary_decision
 from .space import study_name_of
 from .stats import ArmStats, Comparison, compare_arms, describe
 from .storage import default_storage, open_storage, shown, with_driver
@@ -261,6 +262,7 @@ class AblationReport(StudyReport):
     results: dict[str, list[ArmResult]]                  # metric -> one result per arm
     pivots: list[Pivot]
     mixed_environments: bool                             # trials ran with different threads or devices
+    seeding: Optional[dict] = None                       # adaptive seeds: search.seeding.SeedDecision.to_dict()
     kind: ClassVar[str] = "ablation"
 
     @classmethod
@@ -299,13 +301,16 @@ class AblationReport(StudyReport):
         if pivot:
             for m in pivot.get("metrics") or [x["name"] for x in meta["metrics"]]:
                 pivots.append(_pivot(meta, values[m], m, pivot["rows"], pivot["columns"]))
-        return cls(**head, seeds=meta["seeds"], axes=meta["axes"], arms=list(info.values()), results=results,
-                   pivots=pivots, mixed_environments=mixed)
+        seeding = summary_decision(meta, values[meta["metrics"][0]["name"]], info) if meta.get("seed_rule") else None
+        seeds = meta["seeds"][:seeding["n"]] if seeding else meta["seeds"]
+        return cls(**head, seeds=seeds, axes=meta["axes"], arms=list(info.values()), results=results,
+                   pivots=pivots, mixed_environments=mixed, seeding=seeding)
 
     def body_json(self) -> dict:
         return {"seeds": self.seeds, "axes": self.axes, "arms": [asdict(a) for a in self.arms],
                 "results": {m: [asdict(r) for r in rows] for m, rows in self.results.items()},
-                "pivots": [asdict(p) for p in self.pivots], "mixed_environments": self.mixed_environments}
+                "pivots": [asdict(p) for p in self.pivots], "mixed_environments": self.mixed_environments,
+                **({"seeding": self.seeding} if self.seeding else {})}
 
     def has_holm(self) -> bool:
         return any(r.comparison is not None and r.comparison.p_holm is not None
@@ -376,6 +381,8 @@ class AblationReport(StudyReport):
         for a in self.arms:
             for f in a.failed:
                 console.print(f"[red]arm {a.name} seed {f.seed} failed[/red]: {f.reason}")
+        for line in seeding_lines(self.seeding) if self.seeding else []:
+            console.print(line, soft_wrap=True)
         if self.mixed_environments:
             console.print("[yellow]note: trials ran with different CPU threads or devices, so results may differ "
                           "by arithmetic too:[/yellow] " + "; ".join(f"{a.name}: {' / '.join(a.environments)}"
@@ -401,6 +408,8 @@ class AblationReport(StudyReport):
         lines = [f"n = seeds per arm; mean ± sample std over seeds. {TEST_NOTE}."]
         if self.has_holm():
             lines += ["", HOLM_NOTE + "."]
+        if self.seeding:
+            lines += [""] + [f"- {x.strip()}" if i else x for i, x in enumerate(seeding_lines(self.seeding))]
         lines.append("")
         for m in self.metrics:
             unit = " (%)" if _percent(m["name"]) else ""

@@ -34,6 +34,7 @@ from .choices import PRUNERS, SAMPLERS
 from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
 from .matching import match_arms
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
+from .seeding import SeedRule, seed_list
 from .settings import Setting, apply_setting, expand_key  # noqa: F401  (search.space.Setting: the loader's words)
 
 # Final metrics of a training run (runs.fit) and cost figures reslab measures itself.
@@ -67,8 +68,8 @@ class AblationSpec(Strict):
     axes: dict[str, Any] = {}        # axis -> list of values (axis = a dotted spec key) or {label: overrides}
     arms: Union[dict[str, dict[str, Any]], list[dict[str, Any]]] = {}  # named arms: {name: {key: value, ...}}
     baseline: Union[str, int, float, bool, dict[str, Any]]  # an arm name, or {axis: label} (per-group baseline)
-    seeds: Union[Annotated[int, Field(ge=1, le=1000)], Annotated[list[Seed], Field(max_length=1000)]] = 3
-    # ^ N (seeds 0..N-1) or a list; seed k sets train.seed = k
+    seeds: Union[Annotated[int, Field(ge=1, le=1000)], Annotated[list[Seed], Field(max_length=1000)], SeedRule] = 3
+    # ^ N (seeds 0..N-1), a list, or {min, max, precision} (search.seeding); seed k sets train.seed = k
     metric: Union[str, MetricSpec, list[Union[str, MetricSpec]]] = "test/error"  # first one = the objective
     match: Optional[Union[Literal["macs", "params"], MatchSpec]] = None  # compute-matched widths
     pivot: Optional[PivotSpec] = None                    # extra report view: metric by rows x columns
@@ -220,9 +221,7 @@ def _load_ablation(spec: AblationSpec, where: Locator) -> tuple[dict, list[Arm],
         ref = {**a.labels, **fixed}
         a.reference = by_labels[tuple(ref[n] for n in names)].name
 
-    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise where.error("seeds must be a positive count or a list of distinct integers", "ablation", "seeds")
+    seeds, _ = seed_list(spec.seeds, where)
     items = spec.metric if isinstance(spec.metric, list) else [spec.metric]
     if not items:
         raise where.error("needs at least one metric", "ablation", "metric")
@@ -350,7 +349,7 @@ def _ablation_plan(spec: AblationSpec, common: dict, where: Locator,
     axes, arms, seeds, metrics = _load_ablation(spec, where)
     match = MatchSpec(by=spec.match) if isinstance(spec.match, str) else spec.match
     plan = AblationPlan(**common, axes=axes, arms=arms, seeds=seeds, metrics=metrics, max_attempts=spec.max_attempts,
-                        match=match, pivot=spec.pivot)
+                        match=match, pivot=spec.pivot, seed_rule=seed_list(spec.seeds, where)[1])
     _check_pivot(plan, where)
     for a in plan.arms:
         plan.arm_spec(a.name, plan.seeds[0])       # validate every arm now (one-line errors)
