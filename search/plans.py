@@ -18,6 +18,7 @@ from arches import Spec, spec_from_dict, spec_hash
 from arches.spec import Override, Source
 
 from .choices import PRUNERS, SAMPLERS
+from .design_spaces import design_space_cells
 from .dimensions import Dimension
 from .settings import Setting, apply_setting
 
@@ -247,6 +248,7 @@ class SearchPlan(StudyDesign):
     pruner: Any = None                                   # PrunerSpec
     trials: int = 0                                      # the budget, over all workers and restarts
     importance: str = "ped-anova"                        # Optuna's parameter-importance evaluator
+    design_spaces: list[str] = field(default_factory=list)  # the same draws in each (search.design_spaces)
     kind: ClassVar[str] = "search"
     metric_path: ClassVar[tuple] = ("search", "objectives")
     how_to_read: ClassVar[str] = ("Each trial is a child run (params trial.*). The parent run holds the report "
@@ -257,6 +259,8 @@ class SearchPlan(StudyDesign):
         return self.pruner.metric if self.pruner is not None and PRUNERS.lookup(self.pruner.type).prunes else None
 
     def fixed_cells(self) -> Optional[list[dict]]:
+        if self.design_spaces:
+            return design_space_cells(self)
         if not SAMPLERS.lookup(self.sampler).walks_grid:
             return None
         keys = [d.key for d in self.dimensions]
@@ -295,14 +299,18 @@ class SearchPlan(StudyDesign):
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
     def size(self) -> str:
+        if self.design_spaces:
+            return f"{len(self.design_spaces)} design spaces x {self.trials} nets"
         return f"{len(self.dimensions)} dimensions, {self.trials} trials"
 
     def fingerprint_parts(self) -> Any:
-        return {"document": self.document, "space": [d.as_json() for d in self.dimensions],
-                "objectives": [(m.name, m.goal) for m in self.metrics]}
+        parts = {"document": self.document, "space": [d.as_json() for d in self.dimensions],
+                 "objectives": [(m.name, m.goal) for m in self.metrics]}
+        return {**parts, "draws": design_space_cells(self)} if self.design_spaces else parts
 
     def meta(self) -> dict:
-        return {**super().meta(), "dimensions": [d.key for d in self.dimensions], "importance": self.importance}
+        return {**super().meta(), "dimensions": [d.key for d in self.dimensions], "importance": self.importance,
+                "design_spaces": self.design_spaces or None}
 
 
 PLANS: dict[str, type[StudyDesign]] = {p.kind: p for p in (AblationPlan, SearchPlan)}   # file section -> plan

@@ -26,6 +26,7 @@ from arches.report import human
 from runs import tracking
 
 from . import keys, plots, recording
+from .design_spaces import design_space_note, design_space_rows, design_space_summary, plot_design_spaces
 from .seeding import seeding_lines, summary_decision
 from .space import study_name_of
 from .stats import ArmStats, Comparison, compare_arms, describe
@@ -464,6 +465,7 @@ class SearchReport(StudyReport):
     objectives: list[str]
     trials_table: list[TrialRow]
     best: list[int]                                      # trial numbers
+    design_spaces: Optional[dict] = None                 # search.design_spaces.design_space_summary
     kind: ClassVar[str] = "search"
 
     @classmethod
@@ -481,12 +483,13 @@ class SearchReport(StudyReport):
         best: list[int] = []
         if complete:
             best = [t.number for t in study.best_trials] if len(names) > 1 else [study.best_trial.number]
+        spaces = design_space_summary(meta, trials) if meta.get("design_spaces") else None
         return cls(**head, objectives=names, trials_table=rows, best=best,
-                   importances=importances(study, meta, complete))
+                   importances=importances(study, meta, complete), design_spaces=spaces)
 
     def body_json(self) -> dict:
         return {"objectives": self.objectives, "trials_table": [asdict(r) for r in self.trials_table],
-                "best": self.best}
+                "best": self.best, **({"design_spaces": self.design_spaces} if self.design_spaces else {})}
 
     def _columns(self) -> list[str]:
         return sorted({k for r in self.trials_table for k in r.params})
@@ -505,6 +508,11 @@ class SearchReport(StudyReport):
             table.add_row(f"{r.number}{mark}", (r.outcome or r.state.lower()) + (" (retried)" if r.retried else ""),
                           *self._cells(r, params))
         console.print(table)
+        if self.design_spaces:
+            columns, rows = design_space_rows(self.design_spaces)
+            _table(console, f"{self.design_spaces['metric']} by design space (the same sampled points in each)",
+                   columns, rows, left=("design space",))
+            console.print(design_space_note(self.design_spaces), soft_wrap=True)
 
     def csv_rows(self) -> list[list]:
         params = self._columns()
@@ -524,9 +532,14 @@ class SearchReport(StudyReport):
         for r in self.trials_table:
             lines.append(f"| {r.number}{'*' if r.number in self.best else ''} | {r.outcome or r.state.lower()} | "
                          + " | ".join(self._cells(r, params)) + " |")
+        if self.design_spaces:
+            lines += ["", "## Design spaces", "", *_markdown_table(*design_space_rows(self.design_spaces)), "",
+                      design_space_note(self.design_spaces)]
         return lines
 
     def figures(self, study: optuna.Study, client: Any, folder: Path) -> list[Path]:
+        if self.design_spaces:
+            return plot_design_spaces(self.design_spaces, folder)
         if len(self.objectives) < 2:
             return []
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]

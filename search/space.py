@@ -32,6 +32,7 @@ from arches.spec import Override, Source, build_document, display_path, parse_ov
 
 from .choices import PRUNERS, SAMPLERS
 from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
+from .design_spaces import DESIGN_SPACE, check_design_spaces
 from .matching import match_arms
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
 from .seeding import SeedRule, seed_list
@@ -100,6 +101,7 @@ class SearchSpec(Strict):
     timeout: Optional[float] = Field(None, gt=0, le=10**8)  # seconds per command; no new trial starts after it
     max_attempts: int = Field(3, ge=1, le=100)
     importance: Literal["ped-anova", "fanova", "none"] = "ped-anova"  # Optuna's parameter-importance evaluator
+    design_spaces: Optional[dict[str, dict[str, Any]]] = None  # name -> overrides; trials = nets per space
 
 
 class StudyFile(Strict):
@@ -369,6 +371,13 @@ def _search_plan(spec: SearchSpec, common: dict, where: Locator, match_multiplie
     plan = SearchPlan(**common, dimensions=dimensions, metrics=metrics, pruner=pruner, sampler=spec.sampler,
                       sampler_seed=spec.sampler_seed, trials=trials, timeout=spec.timeout,
                       max_attempts=spec.max_attempts, importance=spec.importance)
+    if spec.design_spaces is not None:
+        check_design_spaces(spec, [d.key for d in plan.dimensions], where)
+        groups = {str(n): _settings(v, where, "search", "design_spaces", n) for n, v in spec.design_spaces.items()}
+        plan.dimensions.insert(0, Groups(key=DESIGN_SPACE, choices=list(groups), groups=groups,
+                                         line=where.line("search", "design_spaces")))
+        plan.design_spaces, plan.sampler = list(groups), "random"
+        plan.pruner = PrunerSpec(type="none")          # every net trains fully, or the EDFs favour fast starters
     _check_space(plan)
     return plan
 
