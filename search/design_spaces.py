@@ -154,6 +154,8 @@ def design_space_note(summary: dict) -> str:
 
 def plot_design_spaces(summary: dict, folder: Any) -> list:
     """edf.png (normalised error EDF per design space with its bootstrap band) and error_vs_macs.png."""
+    from matplotlib.ticker import ScalarFormatter
+
     from runs.plots import colours, metric_axis, new_figure, save_figure
 
     label, factor = metric_axis(summary["metric"])
@@ -181,6 +183,8 @@ def plot_design_spaces(summary: dict, folder: Any) -> list:
         ax.scatter(np.array(s["macs"]) / 1e6, np.array(s["errors"]) * factor, color=cs[i % len(cs)], alpha=0.8,
                    label=s["name"], s=18)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("multiply-accumulates (M, log scale)")
     ax.set_ylabel(label)
     ax.set_title("Error against complexity, every sampled net", fontsize=10)

@@ -13,7 +13,6 @@ from cli import main
 from conftest import ROOT
 from search.design_spaces import DESIGN_SPACE, bin_edges, complexity_weights, edf
 from search.space import load_study_file
-from search.study import fixed_cells
 
 HEAD = f"""\
 base: {ROOT / 'specs' / 'resnet20.yaml'}
@@ -44,15 +43,15 @@ def search_file(tmp_path, spaces="{plain: {block.type: plain}, residual: {block.
 
 def test_every_design_space_gets_the_same_draws(tmp_path):
     plan = load_study_file(search_file(tmp_path, trials=5))
-    cells = fixed_cells(plan)
+    cells = plan.fixed_cells()
     assert len(cells) == 10 and plan.design_spaces == ["plain", "residual"]
     points = {name: [{k: v for k, v in c.items() if k != DESIGN_SPACE} for c in cells if c[DESIGN_SPACE] == name]
               for name in plan.design_spaces}
     assert points["plain"] == points["residual"] and len({json.dumps(p) for p in points["plain"]}) == 5
     for p in points["plain"]:
         assert p["stages.*.depth"] in (1, 2) and 0.25 <= p["width_multiplier"] <= 0.5
-    assert fixed_cells(load_study_file(search_file(tmp_path, trials=5))) == cells            # seeded
-    assert fixed_cells(load_study_file(search_file(tmp_path, trials=5, seed=1))) != cells
+    assert load_study_file(search_file(tmp_path, trials=5)).fixed_cells() == cells            # seeded
+    assert load_study_file(search_file(tmp_path, trials=5, seed=1)).fixed_cells() != cells
     spec = plan.search_spec(cells[0])
     assert spec.block.type == "plain" and plan.search_spec(cells[1]).block.type == "basic"
 
