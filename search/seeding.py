@@ -86,15 +86,17 @@ class Precision:
 
 
 def precision_of(arm: str, reference: str, values: Mapping[str, Mapping[int, float]], seeds: Iterable[int],
-                 factor: float = 1.0) -> Precision:
-    """The paired CI half-width and detectable difference of arm - reference over `seeds` both completed."""
+                 factor: float = 1.0, detectable: bool = True) -> Precision:
+    """The paired CI half-width and (if `detectable`) the detectable difference of arm - reference over `seeds`
+    both completed."""
     seeds = [s for s in seeds if s in values.get(arm, {}) and s in values.get(reference, {})]
     d = np.array([values[arm][s] - values[reference][s] for s in seeds], dtype=float) * factor
     if len(d) < 2:
         return Precision(arm, reference, len(d), float(d.mean()) if len(d) else None, None, None)
     sd = float(d.std(ddof=1))
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1)) * sd / math.sqrt(len(d))
-    return Precision(arm, reference, len(d), float(d.mean()), half, detectable_difference(sd, len(d)))
+    return Precision(arm, reference, len(d), float(d.mean()), half,
+                     detectable_difference(sd, len(d)) if detectable else None)
 
 
 @dataclass
@@ -129,15 +131,18 @@ def decide(rule: SeedRule, seeds: list[int], references: Mapping[str, str], metr
     factor = scale(metric)
     arms = list(references)
     n = min(rule.min, rule.max, len(seeds))
+
+    def at(n: int, reason: str) -> SeedDecision:
+        return SeedDecision(n, reason, rule.precision, metric, [precision_of(a, references[a], values, seeds[:n],
+                                                                             factor) for a in arms if references[a] != a])
     while True:
-        comparisons = [precision_of(a, references[a], values, seeds[:n], factor)
-                       for a in arms if references[a] != a]
         if not all((a, s) in finished for a in arms for s in seeds[:n]):
-            return SeedDecision(n, RUNNING, rule.precision, metric, comparisons)
-        if all(c.narrow_enough(rule.precision) for c in comparisons):
-            return SeedDecision(n, PRECISION, rule.precision, metric, comparisons)
+            return at(n, RUNNING)
+        if all(precision_of(a, references[a], values, seeds[:n], factor, detectable=False).narrow_enough(
+                rule.precision) for a in arms if references[a] != a):
+            return at(n, PRECISION)
         if n >= min(rule.max, len(seeds)):
-            return SeedDecision(n, AT_MAX, rule.precision, metric, comparisons)
+            return at(n, AT_MAX)
         n += 1
 
 

@@ -3,6 +3,7 @@ study's report with its figures in MLflow, and one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -94,7 +95,9 @@ def test_a_design_space_study_reports_edfs_and_figures_in_mlflow(tmp_path, capsy
     exp = client.get_experiment_by_name("search/spaces")
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("reslab.role") == "study"]
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
-    assert {"results/edf.png", "results/error_vs_macs.png", "results/design_spaces.md"} <= files
+    assert {"results/edf.png", "results/error_vs_macs.png", "results/results.md"} <= files
+    md = Path(client.download_artifacts(parent.info.run_id, "results/results.md", str(tmp_path))).read_text()
+    assert "## Design spaces" in md and "| residual | 3 |" in md
 
 
 @pytest.mark.parametrize("spaces, extra, message", [

@@ -125,16 +125,6 @@ def test_an_ablation_adds_paired_seeds_with_two_workers_and_resumes(tmp_path, ca
     assert "stopped at the maximum n = 3" in text and "never on p" in text and "80% power, paired t" in text
 
 
-@pytest.mark.slow
-def test_a_deterministic_metric_stops_at_min_on_precision(tmp_path, capsys):
-    path, out = study(tmp_path, "{min: 2, max: 5, precision: 1}", metric="params"), tmp_path / "outputs"
-    assert main(["ablate", str(path), "--output-dir", str(out)]) == 0      # B adds projection shortcuts
-    text = capsys.readouterr().out
-    trials = optuna.load_study(study_name="seeded", storage=f"sqlite:///{out / 'optuna.db'}").get_trials()
-    assert sorted(t.params["seed"] for t in trials) == [0, 0, 1, 1]
-    assert "stopped at n = 2" in text
-
-
 @pytest.mark.parametrize("seeds, message", [
     ("{min: 3, max: 12, precision: 0}", r"seeded.yaml:\d+: ablation.seeds.precision: .*greater than 0"),
     ("{min: 3, max: 12, precision: -0.5}", r"ablation.seeds.precision: .*greater than 0"),
