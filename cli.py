@@ -133,11 +133,17 @@ def cmd_validate(args) -> int:
 
 def cmd_diagnose(args) -> int:
     from diagnose import DiagnoseRequest, GradientOptions, parse_readout, run_diagnostics
+    from diagnose.landscape_suite import Axis, LandscapeOptions
 
     options = GradientOptions(seeds=args.seeds, points=args.points, bn=args.bn, readout=parse_readout(args.readout),
                               batch_size=args.batch_size, device=args.device)
+    landscape = LandscapeOptions(
+        line=Axis.parse(args.line, "--line"), directions=args.directions, seed=args.direction_seed,
+        surface=None if args.surface == "none" else Axis.parse(args.surface, "--surface"), images=args.images,
+        ignore=args.ignore, max_minutes=args.max_minutes, device=args.device)
     run_diagnostics(DiagnoseRequest(
         specs=args.spec, overrides=args.overrides, gradients=args.gradients, lesion=args.lesion,
+        landscape=args.landscape, landscape_options=landscape,
         checkpoints=args.checkpoint, gradient_options=options, blocks=args.blocks, limit=args.limit,
         tracking_uri=args.tracking_uri, experiment=args.experiment, parent_run_id=args.run,
         output_dir=args.output_dir))
@@ -266,6 +272,19 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=int, default=128, help="gradients: images in the cross-entropy batch")
     p.add_argument("--blocks", nargs="+", metavar="NAME", help="lesion: only these blocks (layer2.0 ...)")
     p.add_argument("--limit", type=int, help="lesion: measure on this many test images (seeded subset)")
+    p.add_argument("--landscape", action="store_true",
+                   help="the training loss around each --checkpoint along filter-normalised random directions "
+                        "(Li et al. 2018): 1-D line, 2-D contour, curvature")
+    p.add_argument("--line", default="-1:1:41", metavar="MIN:MAX:N", help="landscape: steps of the 1-D line (write --line=-1:1:41)")
+    p.add_argument("--surface", default="-1:1:21", metavar="MIN:MAX:N|none",
+                   help="landscape: steps of both axes of the 2-D surface (none: no surface)")
+    p.add_argument("--directions", type=int, default=3, help="landscape: random directions for the curvature")
+    p.add_argument("--direction-seed", type=int, default=0, help="landscape: seed of the first direction")
+    p.add_argument("--images", type=int, default=512, help="landscape: training images the loss is averaged over")
+    p.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
+                   help="landscape: biases and BN weights not moved (biasbn, as Li et al.) or moved along themselves")
+    p.add_argument("--max-minutes", type=float, default=30.0,
+                   help="landscape: refuse a grid whose estimated time (measured per evaluation) is longer")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1 ...")
     p.add_argument("--run", metavar="RUN_ID", help="log as nested child runs of this MLflow run (e.g. the "
                                                     "training run); default: own runs in --experiment")

@@ -13,6 +13,8 @@ from runs.tracking import default_tracking_uri
 from .record import DEFAULT_EXPERIMENT, gradient_metrics, gradient_table, lesion_metrics, lesion_table, \
     parent_experiment, plot_gradients, plot_lesions, record
 from .suite import GradientOptions, check_lesion_request, measure_gradients, measure_lesions, resolve_targets
+from .landscape_record import landscape_metrics, landscape_table, plot_landscapes
+from .landscape_suite import LandscapeOptions, check_landscape_request, measure_landscapes
 
 
 @dataclass
@@ -22,8 +24,10 @@ class DiagnoseRequest:
     overrides: Sequence[str] = ()               # --set, applied to every spec
     gradients: bool = False
     lesion: bool = False
+    landscape: bool = False
     checkpoints: Sequence[str] = ()             # paths or MLflow run ids of trained networks
     gradient_options: GradientOptions = field(default_factory=GradientOptions)
+    landscape_options: LandscapeOptions = field(default_factory=LandscapeOptions)
     blocks: Optional[Sequence[str]] = None      # lesion only these blocks (default: every block)
     limit: Optional[int] = None                 # lesion on this many test images (seeded subset)
     tracking_uri: Optional[str] = None          # default: runs.tracking.default_tracking_uri(output_dir)
@@ -38,8 +42,10 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
         console = Console()
         if not console.is_terminal:     # logs and pipes: wide enough for the tables, never wrapped to 80
             console = Console(width=max(console.width, 140))
-    if not (req.gradients or req.lesion):
-        raise ReslabError("say what to measure: --gradients and/or --lesion")
+    if not (req.gradients or req.lesion or req.landscape):
+        raise ReslabError("say what to measure: --gradients, --lesion and/or --landscape")
+    if req.landscape:
+        req.landscape_options.check()
     uri = req.tracking_uri or default_tracking_uri(req.output_dir)
     if req.parent_run_id:
         parent_experiment(uri, req.parent_run_id, req.output_dir)   # fail before measuring, not after
@@ -47,6 +53,8 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
     targets = resolve_targets(specs, req.checkpoints, tracking_uri=uri, at_init=req.gradients)
     if req.lesion:
         check_lesion_request(targets, req.blocks)
+    if req.landscape:
+        check_landscape_request(targets)
     where = dict(tracking_uri=uri, experiment=req.experiment, parent_run_id=req.parent_run_id,
                  output_dir=req.output_dir)
     common = {"specs": ",".join(req.specs), "overrides": " ".join(req.overrides) or "-",
@@ -71,6 +79,17 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
             lesion_metrics(results), {"results": [r.to_dict() for r in results]},
             lambda folder: plot_lesions(results, folder),
             run_name="lesion: " + ", ".join(r.label for r in results), **where)
+    if req.landscape:
+        opts = req.landscape_options
+        results = measure_landscapes(targets, opts, progress=lambda r: console.print(
+            f"landscape {r.label}: loss {r.loss:.4f}, curvature {sum(r.curvatures) / len(r.curvatures):.3g} "
+            f"({r.seconds:.1f} s)"))
+        landscape_table(results, console)
+        run_ids["landscape"] = record(
+            "landscape", {**common, **opts.to_dict()}, landscape_metrics(results),
+            {"options": opts.to_dict(), "results": [r.to_dict() for r in results]},
+            lambda folder: plot_landscapes(results, folder),
+            run_name="landscape: " + ", ".join(r.label for r in results), **where)
     for kind, run_id in run_ids.items():
         console.print(f"{kind}: MLflow run {run_id} ({uri})")
     return run_ids

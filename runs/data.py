@@ -258,11 +258,11 @@ class ReslabData(pl.LightningDataModule):
         return batch[0][:n].float().cpu().contiguous()
 
     # -- loaders
-    def _loader(self, which: str):
+    def _loader(self, which: str, train: Optional[bool] = None):
         if not self._sets:
             self.setup()
         rank, world = self._rank_world()
-        train, spec = which == "train", self.spec
+        train, spec = which == "train" if train is None else train, self.spec
         batch = self.batch_size if train else self.eval_batch_size
         limit = spec.train.limit_batches if train else None
         if data_source(spec.data.name).in_memory:
@@ -290,6 +290,10 @@ class ReslabData(pl.LightningDataModule):
     def train_dataloader(self):
         """Shuffled, augmented training batches of spec.train.batch_size (this rank's shard)."""
         return self._loader("train")
+
+    def train_eval_dataloader(self):
+        """The training split in order, in eval batches, never augmented (what a measure of the training loss reads)."""
+        return self._loader("train", train=False)
 
     def val_dataloader(self):
         """Held-out validation batches in order, no augmentation ([] when data.val_size is 0)."""

@@ -18,6 +18,7 @@ from arches import Spec, spec_from_dict, spec_hash
 from arches.spec import Override, Source
 
 from .choices import PRUNERS, SAMPLERS
+from .design_spaces import design_space_cells
 from .dimensions import Dimension
 from .settings import Setting, apply_setting
 
@@ -166,6 +167,7 @@ class AblationPlan(StudyDesign):
     seeds: list[int] = field(default_factory=list)
     match: Any = None                                    # MatchSpec: compute-matched widths (None: as written)
     pivot: Any = None                                    # PivotSpec: an extra report view (None: none)
+    seed_rule: Any = None                                # SeedRule: how many of `seeds` run (search.seeding)
     kind: ClassVar[str] = "ablation"
     metric_path: ClassVar[tuple] = ("ablation", "metric")
     how_to_read: ClassVar[str] = (
@@ -222,7 +224,9 @@ class AblationPlan(StudyDesign):
         return f"{params.get('arm')} seed {params.get('seed')}"
 
     def size(self) -> str:
-        return f"{len(self.arms)} arms x {len(self.seeds)} seeds"
+        rule = self.seed_rule
+        seeds = f"{rule.min}..{rule.max} seeds to ±{rule.precision:g}" if rule else f"{len(self.seeds)} seeds"
+        return f"{len(self.arms)} arms x {seeds}"
 
     def fingerprint_parts(self) -> Any:
         return [[a.name, s, spec_hash(self.arm_spec(a.name, s))] for a in self.arms for s in self.seeds]
@@ -232,7 +236,8 @@ class AblationPlan(StudyDesign):
                 "arms": [{"name": a.name, "labels": a.labels, "reference": a.reference,
                           "width_multiplier": a.width_multiplier} for a in self.arms],
                 "match": self.match.model_dump() if self.match else None,
-                "pivot": self.pivot.model_dump() if self.pivot else None}
+                "pivot": self.pivot.model_dump() if self.pivot else None,
+                "seed_rule": self.seed_rule.model_dump() if self.seed_rule else None}
 
 
 @dataclass(kw_only=True)
@@ -244,6 +249,7 @@ class SearchPlan(StudyDesign):
     pruner: Any = None                                   # PrunerSpec
     trials: int = 0                                      # the budget, over all workers and restarts
     importance: str = "ped-anova"                        # Optuna's parameter-importance evaluator
+    design_spaces: list[str] = field(default_factory=list)  # the same draws in each (search.design_spaces)
     kind: ClassVar[str] = "search"
     metric_path: ClassVar[tuple] = ("search", "objectives")
     how_to_read: ClassVar[str] = ("Each trial is a child run (params trial.*). The parent run holds the report "
@@ -254,6 +260,8 @@ class SearchPlan(StudyDesign):
         return self.pruner.metric if self.pruner is not None and PRUNERS.lookup(self.pruner.type).prunes else None
 
     def fixed_cells(self) -> Optional[list[dict]]:
+        if self.design_spaces:
+            return design_space_cells(self)
         if not SAMPLERS.lookup(self.sampler).walks_grid:
             return None
         keys = [d.key for d in self.dimensions]
@@ -292,14 +300,18 @@ class SearchPlan(StudyDesign):
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
     def size(self) -> str:
+        if self.design_spaces:
+            return f"{len(self.design_spaces)} design spaces x {self.trials} nets"
         return f"{len(self.dimensions)} dimensions, {self.trials} trials"
 
     def fingerprint_parts(self) -> Any:
-        return {"document": self.document, "space": [d.as_json() for d in self.dimensions],
-                "objectives": [(m.name, m.goal) for m in self.metrics]}
+        parts = {"document": self.document, "space": [d.as_json() for d in self.dimensions],
+                 "objectives": [(m.name, m.goal) for m in self.metrics]}
+        return {**parts, "draws": design_space_cells(self)} if self.design_spaces else parts
 
     def meta(self) -> dict:
-        return {**super().meta(), "dimensions": [d.key for d in self.dimensions], "importance": self.importance}
+        return {**super().meta(), "dimensions": [d.key for d in self.dimensions], "importance": self.importance,
+                "design_spaces": self.design_spaces or None}
 
 
 PLANS: dict[str, type[StudyDesign]] = {p.kind: p for p in (AblationPlan, SearchPlan)}   # file section -> plan

@@ -27,6 +27,8 @@ from runs import tracking
 from runs.hints import ui_hint
 
 from . import keys, plots, recording, views
+from .design_spaces import design_space_note, design_space_rows, design_space_summary, plot_design_spaces
+from .seeding import seeding_lines, summary_decision
 from .space import study_name_of
 from .stats import ArmStats, Comparison, compare_arms, describe
 from .storage import default_storage, open_storage, shown, with_driver
@@ -263,6 +265,7 @@ class AblationReport(StudyReport):
     results: dict[str, list[ArmResult]]                  # metric -> one result per arm
     pivots: list[Pivot]
     mixed_environments: bool                             # trials ran with different threads or devices
+    seeding: Optional[dict] = None                       # adaptive seeds: search.seeding.SeedDecision.to_dict()
     kind: ClassVar[str] = "ablation"
 
     @classmethod
@@ -301,13 +304,16 @@ class AblationReport(StudyReport):
         if pivot:
             for m in pivot.get("metrics") or [x["name"] for x in meta["metrics"]]:
                 pivots.append(_pivot(meta, values[m], m, pivot["rows"], pivot["columns"]))
-        return cls(**head, seeds=meta["seeds"], axes=meta["axes"], arms=list(info.values()), results=results,
-                   pivots=pivots, mixed_environments=mixed)
+        seeding = summary_decision(meta, values[meta["metrics"][0]["name"]], info) if meta.get("seed_rule") else None
+        seeds = meta["seeds"][:seeding["n"]] if seeding else meta["seeds"]
+        return cls(**head, seeds=seeds, axes=meta["axes"], arms=list(info.values()), results=results,
+                   pivots=pivots, mixed_environments=mixed, seeding=seeding)
 
     def body_json(self) -> dict:
         return {"seeds": self.seeds, "axes": self.axes, "arms": [asdict(a) for a in self.arms],
                 "results": {m: [asdict(r) for r in rows] for m, rows in self.results.items()},
-                "pivots": [asdict(p) for p in self.pivots], "mixed_environments": self.mixed_environments}
+                "pivots": [asdict(p) for p in self.pivots], "mixed_environments": self.mixed_environments,
+                **({"seeding": self.seeding} if self.seeding else {})}
 
     def has_holm(self) -> bool:
         return any(r.comparison is not None and r.comparison.p_holm is not None
@@ -378,6 +384,8 @@ class AblationReport(StudyReport):
         for a in self.arms:
             for f in a.failed:
                 console.print(f"[red]arm {a.name} seed {f.seed} failed[/red]: {f.reason}")
+        for line in seeding_lines(self.seeding) if self.seeding else []:
+            console.print(line, soft_wrap=True)
         if self.mixed_environments:
             console.print("[yellow]note: trials ran with different CPU threads or devices, so results may differ "
                           "by arithmetic too:[/yellow] " + "; ".join(f"{a.name}: {' / '.join(a.environments)}"
@@ -403,6 +411,8 @@ class AblationReport(StudyReport):
         lines = [f"n = seeds per arm; mean ± sample std over seeds. {TEST_NOTE}."]
         if self.has_holm():
             lines += ["", HOLM_NOTE + "."]
+        if self.seeding:
+            lines += [""] + [f"- {x.strip()}" if i else x for i, x in enumerate(seeding_lines(self.seeding))]
         lines.append("")
         for m in self.metrics:
             unit = " (%)" if _percent(m["name"]) else ""
@@ -457,6 +467,7 @@ class SearchReport(StudyReport):
     objectives: list[str]
     trials_table: list[TrialRow]
     best: list[int]                                      # trial numbers
+    design_spaces: Optional[dict] = None                 # search.design_spaces.design_space_summary
     kind: ClassVar[str] = "search"
 
     @classmethod
@@ -474,12 +485,13 @@ class SearchReport(StudyReport):
         best: list[int] = []
         if complete:
             best = [t.number for t in study.best_trials] if len(names) > 1 else [study.best_trial.number]
+        spaces = design_space_summary(meta, trials) if meta.get("design_spaces") else None
         return cls(**head, objectives=names, trials_table=rows, best=best,
-                   importances=importances(study, meta, complete))
+                   importances=importances(study, meta, complete), design_spaces=spaces)
 
     def body_json(self) -> dict:
         return {"objectives": self.objectives, "trials_table": [asdict(r) for r in self.trials_table],
-                "best": self.best}
+                "best": self.best, **({"design_spaces": self.design_spaces} if self.design_spaces else {})}
 
     def _columns(self) -> list[str]:
         return sorted({k for r in self.trials_table for k in r.params})
@@ -498,6 +510,11 @@ class SearchReport(StudyReport):
             table.add_row(f"{r.number}{mark}", (r.outcome or r.state.lower()) + (" (retried)" if r.retried else ""),
                           *self._cells(r, params))
         console.print(table)
+        if self.design_spaces:
+            columns, rows = design_space_rows(self.design_spaces)
+            _table(console, f"{self.design_spaces['metric']} by design space (the same sampled points in each)",
+                   columns, rows, left=("design space",))
+            console.print(design_space_note(self.design_spaces), soft_wrap=True)
 
     def csv_rows(self) -> list[list]:
         params = self._columns()
@@ -517,9 +534,14 @@ class SearchReport(StudyReport):
         for r in self.trials_table:
             lines.append(f"| {r.number}{'*' if r.number in self.best else ''} | {r.outcome or r.state.lower()} | "
                          + " | ".join(self._cells(r, params)) + " |")
+        if self.design_spaces:
+            lines += ["", "## Design spaces", "", *_markdown_table(*design_space_rows(self.design_spaces)), "",
+                      design_space_note(self.design_spaces)]
         return lines
 
     def figures(self, study: optuna.Study, client: Any, folder: Path) -> list[Path]:
+        if self.design_spaces:
+            return plot_design_spaces(self.design_spaces, folder)
         if len(self.objectives) < 2:
             return []
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]

@@ -32,8 +32,10 @@ from arches.spec import Override, Source, build_document, display_path, parse_ov
 
 from .choices import PRUNERS, SAMPLERS
 from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
+from .design_spaces import DESIGN_SPACE, check_design_spaces
 from .matching import match_arms
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
+from .seeding import SeedRule, seed_list
 from .settings import Setting, apply_setting, expand_key  # noqa: F401  (search.space.Setting: the loader's words)
 from .overrides import set_study_key, split_overrides
 
@@ -68,8 +70,8 @@ class AblationSpec(Strict):
     axes: dict[str, Any] = {}        # axis -> list of values (axis = a dotted spec key) or {label: overrides}
     arms: Union[dict[str, dict[str, Any]], list[dict[str, Any]]] = {}  # named arms: {name: {key: value, ...}}
     baseline: Union[str, int, float, bool, dict[str, Any]]  # an arm name, or {axis: label} (per-group baseline)
-    seeds: Union[Annotated[int, Field(ge=1, le=1000)], Annotated[list[Seed], Field(max_length=1000)]] = 3
-    # ^ N (seeds 0..N-1) or a list; seed k sets train.seed = k
+    seeds: Union[Annotated[int, Field(ge=1, le=1000)], Annotated[list[Seed], Field(max_length=1000)], SeedRule] = 3
+    # ^ N (seeds 0..N-1), a list, or {min, max, precision} (search.seeding); seed k sets train.seed = k
     metric: Union[str, MetricSpec, list[Union[str, MetricSpec]]] = "test/error"  # first one = the objective
     match: Optional[Union[Literal["macs", "params"], MatchSpec]] = None  # compute-matched widths
     pivot: Optional[PivotSpec] = None                    # extra report view: metric by rows x columns
@@ -100,6 +102,7 @@ class SearchSpec(Strict):
     timeout: Optional[float] = Field(None, gt=0, le=10**8)  # seconds per command; no new trial starts after it
     max_attempts: int = Field(3, ge=1, le=100)
     importance: Literal["ped-anova", "fanova", "none"] = "ped-anova"  # Optuna's parameter-importance evaluator
+    design_spaces: Optional[dict[str, dict[str, Any]]] = None  # name -> overrides; trials = nets per space
 
 
 class StudyFile(Strict):
@@ -221,9 +224,7 @@ def _load_ablation(spec: AblationSpec, where: Locator) -> tuple[dict, list[Arm],
         ref = {**a.labels, **fixed}
         a.reference = by_labels[tuple(ref[n] for n in names)].name
 
-    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise where.error("seeds must be a positive count or a list of distinct integers", "ablation", "seeds")
+    seeds, _ = seed_list(spec.seeds, where)
     items = spec.metric if isinstance(spec.metric, list) else [spec.metric]
     if not items:
         raise where.error("needs at least one metric", "ablation", "metric")
@@ -354,7 +355,7 @@ def _ablation_plan(spec: AblationSpec, common: dict, where: Locator,
     axes, arms, seeds, metrics = _load_ablation(spec, where)
     match = MatchSpec(by=spec.match) if isinstance(spec.match, str) else spec.match
     plan = AblationPlan(**common, axes=axes, arms=arms, seeds=seeds, metrics=metrics, max_attempts=spec.max_attempts,
-                        match=match, pivot=spec.pivot)
+                        match=match, pivot=spec.pivot, seed_rule=seed_list(spec.seeds, where)[1])
     _check_pivot(plan, where)
     for a in plan.arms:
         plan.arm_spec(a.name, plan.seeds[0])       # validate every arm now (one-line errors)
@@ -374,6 +375,13 @@ def _search_plan(spec: SearchSpec, common: dict, where: Locator, match_multiplie
     plan = SearchPlan(**common, dimensions=dimensions, metrics=metrics, pruner=pruner, sampler=spec.sampler,
                       sampler_seed=spec.sampler_seed, trials=trials, timeout=spec.timeout,
                       max_attempts=spec.max_attempts, importance=spec.importance)
+    if spec.design_spaces is not None:
+        check_design_spaces(spec, [d.key for d in plan.dimensions], where)
+        groups = {str(n): _settings(v, where, "search", "design_spaces", n) for n, v in spec.design_spaces.items()}
+        plan.dimensions.insert(0, Groups(key=DESIGN_SPACE, choices=list(groups), groups=groups,
+                                         line=where.line("search", "design_spaces")))
+        plan.design_spaces, plan.sampler = list(groups), "random"
+        plan.pruner = PrunerSpec(type="none")          # every net trains fully, or the EDFs favour fast starters
     _check_space(plan)
     return plan
 

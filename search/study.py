@@ -44,6 +44,7 @@ from .objective import TrialContext, record, run_trial
 from .report import StudyReport, finalize
 from .kinds import STUDY_KINDS
 from .plans import StudyDesign
+from .seeding import cells_in_play
 from .space import load_study_file
 from .storage import default_storage, open_storage, shown, study_lock, with_driver
 from .trials import TrialRecord
@@ -118,7 +119,7 @@ def cell_status(plan: StudyDesign, trials: list) -> dict[str, dict]:
 def enqueue_missing(study: optuna.Study, plan: StudyDesign) -> int:
     """Enqueue every fixed cell that is neither done nor active nor given up; returns how many."""
     n = 0
-    for cell in cell_status(plan, study.get_trials(deepcopy=False)).values():
+    for cell in cells_in_play(plan, cell_status(plan, study.get_trials(deepcopy=False))).values():
         if cell["done"] or cell["active"] or cell["attempts"] >= plan.max_attempts:
             continue
         attrs = {keys.ATTEMPT: cell["attempts"] + 1}
