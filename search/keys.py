@@ -27,6 +27,8 @@ RETRY_OF = "reslab.retry_of"            # number of the trial this one retries
 ATTEMPT = "reslab.attempt"              # 1 for a first attempt
 THREADS = "reslab.threads"              # CPU threads the trial ran with ...
 DEVICE = "reslab.device"                # ... and where: cpu, or the GPU's name
+JOB = "reslab.job"                      # the cluster job that runs it (SLURM: array id_task)
+HOST = "reslab.host"                    # the machine that runs it
 QUEUED = "fixed_params"                 # Optuna's own system attribute: the values a trial was enqueued with
 
 # Outcomes: a result (never run again) ...
