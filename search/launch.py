@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from arches.errors import ReslabError, did_you_mean
+from arches.errors import ReslabError, did_you_mean, first_line
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS_ATTR = "reslab.jobs"                 # Optuna study attribute: the job arrays submitted for it
@@ -261,6 +261,7 @@ def launch_study(opts: Any, launch: LaunchOptions) -> Optional[Any]:
     """Check everything, create/join the study, submit its workers as one job array; print how to follow them.
     Returns the final report when it waits for the workers, else None. SLURM checks the request before any store
     is opened (a dry run opens none)."""
+    from .storage import shown
     from .study import load_plan, open_study, prepare, requested_devices, trial_threads
 
     READY[launch.launcher]()
@@ -292,13 +293,20 @@ def launch_study(opts: Any, launch: LaunchOptions) -> Optional[Any]:
         executor = executor_for(opened.devices)
     prepared = prepare(plan, opts, opened.storage, opened.devices, opened.where, opened.client)
     options = {**asdict(opts), "workers": spec.workers, "progress": False}
-    with executor.batch():
-        jobs = [executor.submit(StudyWorker(options, i)) for i in range(spec.workers)]
+    try:
+        with executor.batch():
+            jobs = [executor.submit(StudyWorker(options, i)) for i in range(spec.workers)]
+    except Exception as e:  # noqa: BLE001  (submitit's FailedJobError: sbatch's own words)
+        raise ReslabError(f"submitting the workers failed: {first_line(e)}", file="--launcher") from None
     submitted = Submitted(jobs[0].job_id.split("_")[0], [j.job_id for j in jobs], str(folder))
-    record_jobs(opts.storage, plan.name, submitted.array)
-    print(f"study '{plan.name}': {spec.workers} workers submitted to {launch.launcher} as job "
-          f"{submitted.array} ({', '.join(submitted.jobs)}); parent run {prepared.parent_run_id}", flush=True)
-    follow = f"python cli.py status {plan.name} --storage {opts.storage}"
+    if launch.launcher == "slurm":
+        record_jobs(opts.storage, plan.name, submitted.array)
+        where = f"as job {submitted.array} ({', '.join(submitted.jobs)})"
+    else:
+        where = f"as processes {', '.join(submitted.jobs)}"
+    print(f"study '{plan.name}': {spec.workers} workers submitted to {launch.launcher} {where}; parent run "
+          f"{prepared.parent_run_id}", flush=True)
+    follow = f"python cli.py status {plan.name} --storage {shown(opts.storage)}"
     if launch.launcher == "slurm":
         print(f"follow: {follow}   (squeue -j {submitted.array}; logs in {folder})", flush=True)
     if not (launch.wait or launch.launcher == "local"):
