@@ -208,11 +208,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from search import options_from_args, print_report, study_run
+    from search import launch_from_args, options_from_args, print_report, study_run
 
     from search.kinds import KIND_OF_COMMAND
 
-    report = study_run(options_from_args(args, kind=KIND_OF_COMMAND[args.command]))
+    launch = launch_from_args(args)
+    options = options_from_args(args, kind=KIND_OF_COMMAND[args.command])
+    if launch is not None:
+        from search.launch import launch_study
+
+        report = launch_study(options, launch)
+        if report is None:
+            return 0
+    else:
+        report = study_run(options)
     print(json.dumps(report.to_json(), indent=2)) if args.json else print_report(report)
     return 0
 
@@ -227,6 +236,14 @@ def cmd_report(args) -> int:
     report = study_report(args.study, storage=args.storage, output_dir=args.output_dir,
                           tracking_uri=args.tracking_uri)
     print(json.dumps(report.to_json(), indent=2)) if args.json else print_report(report)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from search.status import print_status, study_status
+    from search.storage import default_storage
+
+    print_status(study_status(args.study, args.storage or default_storage(args.output_dir)), as_json=args.json)
     return 0
 
 
@@ -343,6 +360,15 @@ def build_parser() -> Parser:
     p.add_argument("--output-dir", default="outputs", help="where the default stores live (outputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("status", help="a study's cells done / running / waiting / failed, the job and host of "
+                                      "each, the SLURM states of its job arrays (while it runs)")
+    p.add_argument("study", help="study name, or its ablation/search file")
+    p.add_argument("--storage", help="Optuna storage URL (default: $RESLAB_STORAGE, else "
+                                     "sqlite:///OUTPUT_DIR/optuna.db)")
+    p.add_argument("--output-dir", default="outputs", help="where the default storage lives (outputs)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the local store")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")

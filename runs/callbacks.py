@@ -15,6 +15,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .checkpoint import EpochCheckpoint
 
+# Ctrl-C, SIGTERM, and SLURM's warning before a time limit or a preemption (submitit's USR2, sbatch --signal)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
 
 class Pruned(Exception):
     """Raised by a callback (a search pruner) to stop a run early: the run ends KILLED, tag state=PRUNED."""
@@ -75,7 +78,7 @@ class InterruptGuard(pl.Callback):
 
     @contextmanager
     def watching(self) -> Iterator[None]:
-        """While training: the first Ctrl-C/SIGTERM asks for a clean stop, a second one (or one outside fit)
+        """While training: the first Ctrl-C/SIGTERM/SIGUSR2 asks for a clean stop, a second one (or one outside fit)
         raises KeyboardInterrupt at once. Lightning's own SIGTERM handling stays in front of this one."""
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -88,7 +91,7 @@ class InterruptGuard(pl.Callback):
             if not (first and self.fitting):
                 raise KeyboardInterrupt
 
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         for s in old:
             signal.signal(s, handler)
         try:

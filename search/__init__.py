@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["AblationPlan", "SearchPlan", "StudyDesign", "StudyOptions", "add_study_arguments", "load_study_file",
-           "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of",
+__all__ = ["AblationPlan", "SearchPlan", "StudyDesign", "StudyOptions", "add_study_arguments", "launch_from_args",
+           "load_study_file", "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of",
            "study_report", "study_run"]
 
 
@@ -54,6 +54,35 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
                    help="trial heartbeat; a trial silent for 3x this long is retried (default: 10)")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.add_argument("--launcher", choices=("slurm", "local"),
+                   help="submit the workers as one submitit job array (SLURM, or submitit's local executor) and "
+                        "return; settings: the file's `launcher:` section, --launcher-set, --workers")
+    p.add_argument("--launcher-set", dest="launcher_settings", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override a `launcher:` key (partition=gpu timeout_min=240 "
+                                             "gpus_per_node=1 ...), values parsed as YAML")
+    p.add_argument("--wait", action="store_true", help="with --launcher: follow the jobs with a progress bar until "
+                                                       "they end, then print the report (local always waits)")
+    p.add_argument("--dry-run", action="store_true", help="with --launcher slurm: print the sbatch script; submit "
+                                                          "and record nothing")
+
+
+
+def launch_from_args(args: argparse.Namespace):
+    """LaunchOptions from parsed `ablate`/`search` arguments (None: run the workers here); one-line errors for
+    launcher flags without --launcher and for flags that conflict."""
+    from arches.errors import ReslabError
+
+    from .launch import LaunchOptions, check_flags
+
+    if args.launcher is None:
+        given = [f for f, v in (("--wait", args.wait), ("--dry-run", args.dry_run),
+                                ("--launcher-set", args.launcher_settings)) if v]
+        if given:
+            raise ReslabError("needs --launcher slurm (or local)", file=given[0])
+        return None
+    launch = LaunchOptions(args.launcher, list(args.launcher_settings), wait=args.wait, dry_run=args.dry_run)
+    check_flags(launch, args.json)
+    return launch
 
 
 def options_from_args(args: argparse.Namespace, kind: str):

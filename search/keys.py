@@ -29,6 +29,8 @@ THREADS = "reslab.threads"              # CPU threads the trial ran with ...
 DEVICE = "reslab.device"                # ... and where: cpu, or the GPU's name
 WORKER_MEMORY_MB = "reslab.worker_memory_mb"  # peak resident memory of the worker that ran it (capacity)
 WORKER = "reslab.worker"                # the process that claimed it: host, boot, pidns, pid, started (liveness)
+JOB = "reslab.job"                      # the cluster job that runs it (SLURM: array id_task)
+HOST = "reslab.host"                    # the machine that runs it
 QUEUED = "fixed_params"                 # Optuna's own system attribute: the values a trial was enqueued with
 
 # Outcomes: a result (never run again) ...

@@ -33,6 +33,7 @@ from arches.spec import Override, Source, build_document, display_path, parse_ov
 from .choices import PRUNERS, SAMPLERS
 from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
 from .design_spaces import DESIGN_SPACE, check_design_spaces
+from .launch import LauncherSpec
 from .matching import match_arms
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
 from .seeding import SeedRule, seed_list
@@ -113,6 +114,7 @@ class StudyFile(Strict):
     devices_per_trial: Optional[int] = Field(None, ge=1, le=4096)  # GPUs (CPU processes) of each trial, DDP; null: 1
     ablation: Optional[AblationSpec] = None
     search: Optional[SearchSpec] = None
+    launcher: Optional[LauncherSpec] = None              # cluster jobs of `--launcher slurm|local` (search.launch)
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -341,7 +343,8 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     source.base_data = copy.deepcopy(data)     # a trial's diff_from_base: what its arm or sample changed
     common = dict(name=name or doc.name or path.stem, file=path, base=base, text=path.read_text(), document=data,
                   source=source, overrides=cli, devices_per_trial=doc.devices_per_trial,
-                  devices_line=where.line("devices_per_trial"))
+                  devices_line=where.line("devices_per_trial"),
+                  launcher=doc.launcher.model_dump(exclude_unset=True) if doc.launcher else {})
     common["description"] = doc.description or header_comment(common["text"])
     section = next(k for k in LOADERS if getattr(doc, k) is not None)
     plan = LOADERS[section](getattr(doc, section), common, where, match_multipliers)

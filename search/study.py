@@ -40,6 +40,7 @@ from runs.quiet import quiet
 from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
 from . import capacity, keys, liveness, recording, views
+from .launch import placement
 from .objective import TrialContext, record, run_trial
 from .report import StudyReport, finalize
 from .kinds import STUDY_KINDS
@@ -425,6 +426,7 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
             time.sleep(max(1, opts.heartbeat))
             continue
         waiting = None
+        TrialRecord.put(trial, **placement())     # which job and host runs it (cli.py status)
         cell = plan.cell_label(trial)
         ranks = f" on {prepared.devices} devices" if prepared.devices > 1 else ""
         print(f"{prefix}trial {trial.number}{cell} started{ranks}", flush=True)
@@ -556,8 +558,19 @@ def study_run(opts: StudyOptions) -> StudyReport:
         return _run_study(opts)
 
 
-def _run_study(opts: StudyOptions) -> StudyReport:
-    opts = opts.resolved()
+@dataclass
+class Opened:
+    """A study file checked against this command's flags and its stores (nothing recorded yet)."""
+    plan: StudyDesign
+    storage: Any
+    client: Any
+    devices: int                             # devices per trial: asked for, else the stored study's, else 1
+    where: ReslabError                       # who asked for them (an error about them points there)
+    gpus: Optional[list[str]]                # the GPUs visible here (None: not checked here)
+
+
+def load_plan(opts: StudyOptions) -> StudyDesign:
+    """The study file of `opts`, checked against the command's flags (nothing opened yet)."""
     if opts.workers is not None and opts.workers < 1:
         raise ReslabError("must be at least 1", file="--workers")
     if opts.heartbeat < 1:
@@ -568,17 +581,32 @@ def _run_study(opts: StudyOptions) -> StudyReport:
                           f"{STUDY_KINDS[plan.kind].command}`", file=str(plan.file))
     if plan.timeout and opts.deadline is None:
         opts.deadline = time.time() + plan.timeout
-    # bad input is found before anything is recorded: the devices asked for, the MLflow store, then the storage
+    return plan
+
+
+def open_study(opts: StudyOptions, check_here: bool = True, plan: Optional[StudyDesign] = None) -> Opened:
+    """Load the file (unless given its `plan`) and check the flags, the devices asked for (on this machine when
+    `check_here`), the MLflow store, then the storage: bad input is found before anything is recorded. `opts` is
+    resolved."""
+    plan = plan or load_plan(opts)
     asked, where = requested_devices(plan, opts)
-    gpus = check_devices(asked, plan, where) if asked is not None else None
+    gpus = check_devices(asked, plan, where) if asked is not None and check_here else None
     client = client_for(opts.tracking_uri, opts.output_dir)
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
     stored = stored_devices(storage, plan.name)
     if asked is not None and stored is not None and asked != stored:
         raise devices_differ(plan, stored, asked, opts, where)
     devices = asked or stored or 1
-    if gpus is None:                          # (nothing asked: the stored study's devices, checked here)
+    if gpus is None and check_here:           # (nothing asked: the stored study's devices, checked here)
         gpus = check_devices(devices, plan, where)
+    return Opened(plan, storage, client, devices, where, gpus)
+
+
+def _run_study(opts: StudyOptions) -> StudyReport:
+    opts = opts.resolved()
+    opened = open_study(opts)
+    plan, storage, devices, where, gpus = opened.plan, opened.storage, opened.devices, opened.where, opened.gpus
+    client = opened.client
     if opts.workers is None:
         opts.workers = len(gpus) // devices if gpus and devices > 1 else 1
     capacity.check_workers(opts.workers, capacity.needs(plan, storage, trial_threads(plan), devices, gpus))

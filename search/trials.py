@@ -13,7 +13,8 @@ from . import keys
 # field name -> Optuna user attribute
 ATTRIBUTES = {"outcome": keys.OUTCOME, "reason": keys.REASON, "metrics": keys.METRICS, "run_id": keys.RUN_ID,
               "cost": keys.COST, "width_multiplier": keys.WIDTH_MULTIPLIER, "arm": keys.ARM, "seed": keys.SEED,
-              "retry_of": keys.RETRY_OF, "attempt": keys.ATTEMPT, "threads": keys.THREADS, "device": keys.DEVICE}
+              "retry_of": keys.RETRY_OF, "attempt": keys.ATTEMPT, "threads": keys.THREADS, "device": keys.DEVICE,
+              "job": keys.JOB, "host": keys.HOST}
 REASON_LIMIT = 2000          # characters of a reason kept on the trial
 
 
@@ -31,6 +32,8 @@ class TrialRecord:
     attempt: Optional[int] = None               # 1, 2, ... (None: a first attempt of a search trial)
     threads: Optional[int] = None               # CPU threads it ran with
     device: Optional[str] = None                # cpu, or the GPU's name
+    job: Optional[str] = None                   # the cluster job that ran it last (SLURM: array id_task)
+    host: Optional[str] = None                  # the machine that ran it last
 
     @classmethod
     def of(cls, trial: Any) -> "TrialRecord":

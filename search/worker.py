@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -25,7 +26,29 @@ from .recording import experiment_name
 from .space import load_study_file, study_name_of
 from .storage import open_storage
 from .objective import following, follow_trial
+from .report import finalize
 from .study import Prepared, StudyOptions, run_worker
+
+
+def work(opts: StudyOptions, worker: int, finalize_when_done: bool = False) -> int:
+    """Join the stored study of `opts` (made by the command that started this worker) and run trials until it is
+    done; returns the trials run. `finalize_when_done`: then record the study's report (a worker of a job array,
+    with no command waiting for it), unless it stopped at its deadline."""
+    storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
+    study = optuna.load_study(study_name=opts.study or study_name_of(opts.file), storage=storage)
+    meta = study.user_attrs.get(keys.META, {})
+    known = {a["name"]: a["width_multiplier"] for a in meta.get("arms", []) if a.get("width_multiplier")}
+    plan = load_study_file(opts.file, opts.overrides, opts.study, match_multipliers=known or None)
+    client = client_for(opts.tracking_uri, opts.output_dir)
+    experiment = experiment_name(plan.kind, plan.name)
+    prepared = Prepared(plan.name, experiment, ensure_experiment(client, experiment, opts.output_dir),
+                        study.user_attrs[keys.PARENT], created=False,
+                        threads=int(study.user_attrs[keys.TRIAL_THREADS]),
+                        devices=int(study.user_attrs.get(keys.TRIAL_DEVICES, 1)), client=client)
+    ran = run_worker(plan, opts, prepared, worker)
+    if finalize_when_done and (opts.deadline is None or time.time() < opts.deadline):
+        finalize(opts.storage, plan.name, client, storage=storage)
+    return ran
 
 
 def main(argv: list[str]) -> int:
@@ -34,21 +57,9 @@ def main(argv: list[str]) -> int:
         return follow_trial(trial)
     args = json.loads(argv[0])
     worker, status = args.pop("worker"), Path(args.pop("status"))
-    opts = StudyOptions(**args)
     try:
         with quiet():
-            storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
-            study = optuna.load_study(study_name=opts.study or study_name_of(opts.file), storage=storage)
-            meta = study.user_attrs.get(keys.META, {})
-            known = {a["name"]: a["width_multiplier"] for a in meta.get("arms", []) if a.get("width_multiplier")}
-            plan = load_study_file(opts.file, opts.overrides, opts.study, match_multipliers=known or None)
-            client = client_for(opts.tracking_uri, opts.output_dir)
-            experiment = experiment_name(plan.kind, plan.name)
-            prepared = Prepared(plan.name, experiment, ensure_experiment(client, experiment, opts.output_dir),
-                                study.user_attrs[keys.PARENT], created=False,
-                                threads=int(study.user_attrs[keys.TRIAL_THREADS]),
-                                devices=int(study.user_attrs.get(keys.TRIAL_DEVICES, 1)))
-            run_worker(plan, opts, prepared, worker)
+            work(StudyOptions(**args), worker)
     except ReslabError as e:
         status.write_text(json.dumps({"error": str(e)}))
         return 2
