@@ -332,12 +332,22 @@ def wait_for(plan: Any, opts: Any, jobs: list, array: Optional[str]) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .report import study_report
-    from .status import ACTIVE, slurm_jobs, study_status
+    from .status import ACTIVE, QueueUnreadable, slurm_jobs, study_status
+
+    unread = [0]                                     # squeue queries in a row that got no answer
 
     def ended() -> bool:
         if array is None:
             return all(j.done() for j in jobs)
-        return not any(j["state"] in ACTIVE for j in slurm_jobs([array]))
+        try:
+            states = slurm_jobs([array])
+        except QueueUnreadable:
+            unread[0] += 1                           # unknown is not ended: wait, for 5 minutes of silence at most
+            if unread[0] * 5 >= 300:
+                raise
+            return False
+        unread[0] = 0
+        return not any(j["state"] in ACTIVE for j in states)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task(plan.name, total=None)

@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from arches.errors import ReslabError
+
 from . import keys
 from .launch import JOBS_ATTR
 from .trials import TrialRecord
@@ -97,12 +99,26 @@ def _rows(kind: str, meta: dict, trials: list) -> list[Row]:
     return rows
 
 
+class QueueUnreadable(ReslabError):
+    """squeue gave no answer (slurmctld busy or down): the jobs' states are unknown, not ended."""
+
+
 def slurm_jobs(arrays: list[str]) -> list[dict]:
-    """The SLURM state of every task of these job arrays, as squeue knows them (ended ones stay a few minutes)."""
+    """The SLURM state of every task of these job arrays, as squeue knows them (ended ones stay a few minutes, then
+    squeue calls their ids invalid: none is listed). QueueUnreadable when squeue fails otherwise (a timeout, no
+    slurmctld): an unanswered query must never read as "every job ended"."""
     if not arrays or shutil.which("squeue") is None:
         return []
-    out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", ",".join(arrays), "-o", "%i|%T|%N|%r"],
-                         capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", ",".join(arrays), "-o", "%i|%T|%N|%r"],
+                             capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise QueueUnreadable("squeue did not answer in 60 s (is slurmctld up?)", file="squeue") from None
+    if out.returncode != 0:
+        if "invalid job id" in out.stderr.lower():
+            return []                           # (ended long enough ago that slurmctld forgot them)
+        message = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        raise QueueUnreadable(f"squeue failed: {message}", file="squeue")
     jobs = []
     for line in out.stdout.splitlines():
         parts = line.strip().split("|")

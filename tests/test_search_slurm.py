@@ -249,3 +249,18 @@ def test_dry_run_and_bad_requests_submit_nothing(tmp_path, cluster, fashion_mnis
     assert code == 2 and err.startswith("--launcher: no SLURM on this machine: sbatch, srun"), err
     assert cluster.run("squeue", "-h", "--states=all").stdout.strip() == ""        # nothing was ever submitted
     assert not (tmp_path / "outputs").exists()                                   # nor written
+
+    # a queue that cannot be read is unknown, never "every job ended" (--wait would stop early); ids squeue has
+    # forgotten (ended more than MinJobAge ago) are ended
+    from conftest import free_port
+    from search.status import QueueUnreadable, slurm_jobs
+
+    assert slurm_jobs(["999999"]) == []
+    conf = Path(cluster.env["SLURM_CONF"])
+    dead = tmp_path / "dead-slurm.conf"
+    text = "\n".join(f"SlurmctldPort={free_port()}" if ln.startswith("SlurmctldPort=") else ln
+                     for ln in conf.read_text().splitlines())
+    dead.write_text(text + "\nMessageTimeout=2\n")
+    monkeypatch.setenv("SLURM_CONF", str(dead))
+    with pytest.raises(QueueUnreadable, match="^squeue"):
+        slurm_jobs(["1"])
