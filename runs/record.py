@@ -296,17 +296,29 @@ def run_owner(run: Any) -> str:
         return "unknown"
     if int(pid) == os.getpid():                 # this very process: it is not training that run any more
         return "gone"
+    tag = run.data.tags.get(STARTED_TAG)
     try:
-        process = psutil.Process(int(pid))
-        started = run.data.tags.get(STARTED_TAG)
+        started = float(tag) if tag else None
+    except ValueError:
+        started = None                          # (an unreadable start time: any process with that pid)
+    return "alive" if process_alive(int(pid), started) else "gone"
+
+
+START_TOLERANCE_S = 0.5      # a process's recorded start time vs psutil's reading of it (same process: equal)
+
+
+def process_alive(pid: int, started: Optional[float] = None) -> bool:
+    """Whether process `pid` of this machine still runs (not a zombie) and is the one that started at `started`
+    (psutil's create_time; None: any process with that pid). Another user's process counts as running."""
+    try:
+        process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:       # killed, not yet reaped by its parent
-            return "gone"
-        if started and abs(process.create_time() - float(started)) > 0.5:   # the pid now names a later process
-            return "gone"
+            return False
+        return started is None or abs(process.create_time() - started) <= START_TOLERANCE_S  # (else: a later process)
     except psutil.NoSuchProcess:
-        return "gone"
-    except (psutil.AccessDenied, ValueError):
-        return "alive"
+        return False
+    except psutil.AccessDenied:
+        return True
     return "alive"
 
 

@@ -22,10 +22,9 @@ import optuna
 import psutil
 from optuna.trial import TrialState
 
+from runs.record import process_alive
+
 from . import keys
-
-START_TOLERANCE_S = 0.5      # a process's recorded start time vs psutil's reading of it (same process: equal)
-
 
 def _pid_namespace() -> int:
     """The inode of this process's PID namespace (0 where unknown): pids compare only within one namespace."""
@@ -65,14 +64,7 @@ class WorkerId:
 
     def alive(self) -> bool:
         """Whether its process still runs (call only when `here`)."""
-        try:
-            process = psutil.Process(self.pid)
-            return process.status() != psutil.STATUS_ZOMBIE and \
-                abs(process.create_time() - self.started) < START_TOLERANCE_S
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:        # another user's process: it exists
-            return True
+        return process_alive(self.pid, self.started)
 
     def where(self) -> str:
         return f"pid {self.pid} on {'this machine' if self.here() else self.host}"
