@@ -158,7 +158,7 @@ def cmd_run(args) -> int:
                           "--set needs a spec file; --resume alone continues the recorded spec", file="run")
     from runs.fit import Interrupted, summary_lines, train
     from runs.hints import program
-    from runs.tracking import default_tracking_uri, remote_artifacts
+    from runs.mlflow_client import default_tracking_uri, remote_artifacts
 
     overrides = list(args.overrides)
     for key, value in (("train.devices", args.devices), ("train.num_nodes", args.num_nodes)):
@@ -166,7 +166,7 @@ def cmd_run(args) -> int:
             overrides.append((key, value))
     spec = load_network_spec(args.spec, overrides) if args.spec else None
     if args.register is not None:
-        from runs.tracking import check_model_name
+        from runs.mlflow_model import check_model_name
 
         check_model_name(args.register)
     uri = args.tracking_uri or default_tracking_uri(args.output_dir)

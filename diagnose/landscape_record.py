@@ -8,7 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from runs import tracking
+from runs.mlflow_write import legal_key
 from runs.plots import colours, new_figure, save_figure
 from search.stats import Summary
 
@@ -110,13 +110,13 @@ def landscape_metrics(results: Sequence[LandscapeResult]) -> list[tuple[str, flo
     out = []
     for r in results:
         curv = curvature_summary(r)
-        out += [(tracking.legal_key("landscape_loss", r.label), r.loss, 0),
-                (tracking.legal_key("landscape_acc", r.label), r.accuracy, 0),
-                (tracking.legal_key("curvature", r.label), curv.mean, 0),
-                (tracking.legal_key("curvature_n", r.label), curv.n, 0)]
+        out += [(legal_key("landscape_loss", r.label), r.loss, 0),
+                (legal_key("landscape_acc", r.label), r.accuracy, 0),
+                (legal_key("curvature", r.label), curv.mean, 0),
+                (legal_key("curvature_n", r.label), curv.n, 0)]
         if curv.std is not None:
-            out.append((tracking.legal_key("curvature_std", r.label), curv.std, 0))
+            out.append((legal_key("curvature_std", r.label), curv.std, 0))
         if r.minima is not None:
-            out.append((tracking.legal_key("surface_minima", r.label), r.minima, 0))
-        out += [(tracking.legal_key("line_loss", r.label), v, step) for step, v in enumerate(r.line_loss)]
+            out.append((legal_key("surface_minima", r.label), r.minima, 0))
+        out += [(legal_key("line_loss", r.label), v, step) for step, v in enumerate(r.line_loss)]
     return out

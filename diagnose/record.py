@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from arches.errors import ReslabError
-from runs import tracking
+from runs.mlflow_client import client_for
+from runs.mlflow_write import (FAILURE_TAG, create_run, end_run, ensure_experiment, legal_key, log_metric_rows,
+                                log_params)
 from runs.plots import new_figure, save_figure
 from search.stats import Summary
 
@@ -156,14 +158,14 @@ def gradient_metrics(rows: Sequence[GradientRow]) -> list[tuple[str, float, int]
     out = []
     for item in summarise_gradients(rows):
         label, corr = item["label"], item["correlation"]
-        out += [(tracking.legal_key("grad_corr", label), corr.mean, 0), (tracking.legal_key("grad_corr_n", label), corr.n, 0),
-                (tracking.legal_key("depth", label), item["depth"], 0)]
+        out += [(legal_key("grad_corr", label), corr.mean, 0), (legal_key("grad_corr_n", label), corr.n, 0),
+                (legal_key("depth", label), item["depth"], 0)]
         if corr.std is not None:
-            out.append((tracking.legal_key("grad_corr_std", label), corr.std, 0))
+            out.append((legal_key("grad_corr_std", label), corr.std, 0))
         for step, norm in enumerate(item["block_norms"].values()):
-            out.append((tracking.legal_key("grad_norm", label), norm.mean, step))
+            out.append((legal_key("grad_norm", label), norm.mean, step))
         for lag, value in enumerate(item["lag"], 1):
-            out.append((tracking.legal_key("grad_corr_lag", label), value.mean, lag))
+            out.append((legal_key("grad_corr_lag", label), value.mean, lag))
     return out
 
 
@@ -171,17 +173,17 @@ def lesion_metrics(results: Sequence[LesionResult]) -> list[tuple[str, float, in
     """(key, value, step): intact accuracy and accuracy with each block deleted, per checkpoint."""
     out = []
     for r in results:
-        out.append((tracking.legal_key("intact_acc", r.label), r.intact, 0))
+        out.append((legal_key("intact_acc", r.label), r.intact, 0))
         for step, row in enumerate(r.rows):
-            out.append((tracking.legal_key("lesion_acc", r.label, row.block), row.accuracy, 0))
-            out.append((tracking.legal_key("lesion_acc", r.label), row.accuracy, step))
+            out.append((legal_key("lesion_acc", r.label, row.block), row.accuracy, 0))
+            out.append((legal_key("lesion_acc", r.label), row.accuracy, step))
     return out
 
 
 def parent_experiment(tracking_uri: str, run_id: str, output_dir: str = "outputs") -> str:
     """The experiment id of the run diagnostics will be nested under; one-line ReslabError if there is none."""
     try:
-        return tracking.client_for(tracking_uri, output_dir).get_run(run_id).info.experiment_id
+        return client_for(tracking_uri, output_dir).get_run(run_id).info.experiment_id
     except MlflowException:
         raise ReslabError(f"no MLflow run '{run_id}' in {tracking_uri} to attach diagnostics to",
                           path="--run") from None
@@ -193,24 +195,24 @@ def record(kind: str, params: dict, metrics: Sequence[tuple[str, float, int]], p
     """Log one diagnostic as its own MLflow run (nested under parent_run_id if given); returns the run id.
 
     `plots(folder) -> [paths]` draws the PNGs; `payload` is stored as <kind>.json."""
-    client = tracking.client_for(tracking_uri, output_dir)
+    client = client_for(tracking_uri, output_dir)
     if parent_run_id:
         experiment_id = parent_experiment(tracking_uri, parent_run_id, output_dir)
     else:
-        experiment_id = tracking.ensure_experiment(client, experiment, output_dir)
-    run_id = tracking.create_run(client, experiment_id, run_name or kind, {"reslab.diagnostic": kind},
-                                 parent_run_id=parent_run_id)
+        experiment_id = ensure_experiment(client, experiment, output_dir)
+    run_id = create_run(client, experiment_id, run_name or kind, {"reslab.diagnostic": kind},
+                        parent_run_id=parent_run_id)
     try:
-        tracking.log_params(client, run_id, params)
-        tracking.log_metric_rows(client, run_id, metrics)
+        log_params(client, run_id, params)
+        log_metric_rows(client, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / f"{kind}.json").write_text(json.dumps(payload, indent=1, default=str))
             plots(folder)
             client.log_artifacts(run_id, tmp)
     except BaseException as e:
-        tracking.end_run(client, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
-                         {tracking.FAILURE_TAG: f"{type(e).__name__}: {e}"})
+        end_run(client, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                {FAILURE_TAG: f"{type(e).__name__}: {e}"})
         raise
-    tracking.end_run(client, run_id, "FINISHED")
+    end_run(client, run_id, "FINISHED")
     return run_id

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from arches import load_spec
 from arches.errors import ReslabError
-from runs.tracking import default_tracking_uri
+from runs.mlflow_client import default_tracking_uri
 
 from .record import DEFAULT_EXPERIMENT, gradient_metrics, gradient_table, lesion_metrics, lesion_table, \
     parent_experiment, plot_gradients, plot_lesions, record

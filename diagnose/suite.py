@@ -19,7 +19,7 @@ from arches.schema import Spec
 from arches.spec import flatten
 from runs.checkpoint import load_model
 from runs.data import ReslabData
-from runs.tracking import experiment_name
+from runs.mlflow_write import experiment_name
 from search.stats import Summary
 
 from .gradients import (BNMode, Readout, block_gradient_norms, calibrate_bn, gradient_correlation, is_residual,

@@ -22,7 +22,7 @@ from arches.errors import ReslabError, first_line
 from arches.init import refusal
 
 from .stores import sqlite_path
-from .tracking import client_for
+from .mlflow_client import client_for
 
 LAST = "last.ckpt"
 ARTIFACT = "checkpoints/last.ckpt"  # where a finished run keeps its final checkpoint among its artifacts

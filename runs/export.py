@@ -24,7 +24,7 @@ from arches.errors import ReslabError, first_line
 from .checkpoint import LAST, load_model
 from .quiet import quiet
 from .stores import writable_folder
-from .tracking import default_tracking_uri
+from .mlflow_client import default_tracking_uri
 
 FORMATS = ("torch.export", "onnx", "torchscript")
 SUFFIX = {"torch.export": ".pt2", "onnx": ".onnx", "torchscript": ".ts.pt"}

@@ -30,11 +30,12 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from arches import Complexity, Spec, complexity, plan_network, spec_hash
 from arches.errors import ReslabError, first_line
 
-from . import tracking
 from .callbacks import EpochBar, EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
 from .checkpoint import (LAST, EpochCheckpoint, InitCheckpoint, checkpoint_dir, fetch_checkpoint, read_checkpoint,
                          spec_of)
 from .data import ReslabData
+from .environment import environment
+from .mlflow_client import client_for, default_tracking_uri, remote_artifacts, with_driver
 from .module import EpochSummary, ReslabModule
 from .pack import MEMBER_OF
 from .quiet import quiet
@@ -116,23 +117,11 @@ def _check_launched(trainer: pl.Trainer, spec: Spec) -> None:
                           f"srun, or with MASTER_ADDR, MASTER_PORT and NODE_RANK set", path="train.num_nodes")
 
 
-@contextmanager
-def _launcher_env(run_id: str, checkpoint: Optional[Path] = None) -> Iterator[None]:
+def _launcher_env(run_id: str, checkpoint: Optional[Path] = None):
     """Give DDP processes started by Lightning the run id (and the checkpoint it resumes from); undo the variables
     its launcher sets, so that a later run in this process starts its own processes again."""
-    before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
-    if run_id:
-        os.environ[RUN_ID_ENV] = run_id
-    if checkpoint is not None:
-        os.environ[CHECKPOINT_ENV] = str(checkpoint)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    given = {RUN_ID_ENV: run_id, CHECKPOINT_ENV: str(checkpoint) if checkpoint is not None else ""}
+    return environment({k: v for k, v in given.items() if v}, restore=LAUNCHER_ENV)
 
 
 @contextmanager
@@ -171,8 +160,8 @@ def resume_checkpoint(run_id: str, output_dir: Union[str, Path], tracking_uri: O
     path = checkpoint_dir(output_dir, run_id) / LAST
     if path.exists():
         return path
-    if tracking_uri and tracking.remote_artifacts(tracking_uri):
-        client = tracking.client_for(tracking_uri, output_dir)
+    if tracking_uri and remote_artifacts(tracking_uri):
+        client = client_for(tracking_uri, output_dir)
         fetched = fetch_checkpoint(client, run_id, (folder or Path(tempfile.mkdtemp(prefix="reslab-"))) / "resume")
         if fetched is not None:
             return fetched
@@ -212,8 +201,8 @@ def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experimen
     module to train on instead of the spec's data set; `params`: more MLflow params (a study's arm and seed);
     `register`: register the run's MLflow model under this name (a new version)."""
     output_dir = Path(output_dir).expanduser().resolve()
-    uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
-    with _work_folder(tracking.remote_artifacts(uri)) as work:     # (a run on a tracking server: its checkpoints)
+    uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
+    with _work_folder(remote_artifacts(uri)) as work:     # (a run on a tracking server: its checkpoints)
         checkpoint = resume_checkpoint(resume, output_dir, uri, work) if resume else None
         spec = _resumed_spec(spec, checkpoint, resume)
         plan = plan_network(spec)                      # once: the module and the complexity share it

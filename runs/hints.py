@@ -22,7 +22,7 @@ def program() -> str:
 def ui_hint(tracking_uri: str, output_dir: Union[str, Path, None] = None) -> str:
     """'see it: reslab ui --output-dir runs/x' (the flag that names this store: none for the default one); a
     tracking server's own URL."""
-    from .tracking import default_tracking_uri, remote_artifacts
+    from .mlflow_client import default_tracking_uri, remote_artifacts
 
     if remote_artifacts(tracking_uri):
         return f"see it: {tracking_uri.rstrip('/')}/#/experiments   (the tracking server's UI)"

@@ -19,9 +19,10 @@ import torch
 
 from arches import Spec, build_model, complexity
 
-from . import tracking
 from .callbacks import Pruned
 from .checkpoint import LAST, checkpoint_dir, write_atomically
+from .mlflow_client import default_tracking_uri, with_driver
+from .mlflow_write import log_datasets, log_metrics
 from .module import NonFiniteLoss
 from .pack import Member, Pack
 from .record import RunRecord, RunResult
@@ -70,7 +71,7 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
     """Train `specs` as one pack, each recorded as its own MLflow run (see the module docstring); `tags`, `params`
     and `run_names`: per member, as runs.fit.train takes them. Returns each member's RunResult, in order."""
     output_dir = Path(output_dir).expanduser().resolve()
-    uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
+    uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
     pack = Pack(specs, device=device)
     pack_id = uuid.uuid4().hex[:12]
     records, views, finals = [], [], []
@@ -84,7 +85,7 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
         view = MemberView(m)
         finals.append(checkpoint_dir(output_dir, record.run_id) / LAST)
         record.follow(view, final=finals[-1], data=m.data)
-        tracking.log_datasets(record.client, record.run_id, m.data.dataset_inputs())
+        log_datasets(record.client, record.run_id, m.data.dataset_inputs())
         records.append(record)
         views.append(view)
     pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
@@ -93,15 +94,15 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
         for m in [*p.members, *left]:
             record = records[m.index]
             row = m.history[-1]
-            tracking.log_metrics(record.client, record.run_id, row, step=int(row["epoch"]))
+            log_metrics(record.client, record.run_id, row, step=int(row["epoch"]))
             checkpoint = p.member_checkpoint(m.index)
             write_atomically(finals[m.index], lambda tmp: torch.save(checkpoint, tmp))
         p.save(pack_file)
         for m in left:
             record, view = records[m.index], views[m.index]
             if view.results:
-                tracking.log_metrics(record.client, record.run_id, view.results["test"],
-                                     step=int(m.history[-1]["epoch"]))
+                log_metrics(record.client, record.run_id, view.results["test"],
+                            step=int(m.history[-1]["epoch"]))
             view.left()
             exc = _ending(m)
             record.__exit__(type(exc) if exc else None, exc, None)

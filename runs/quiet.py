@@ -13,6 +13,8 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
+from .environment import environment
+
 LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "alembic",
            "mlflow.store.db.utils", "mlflow.tracking", "mlflow.system_metrics", "optuna")
 WARNING_MODULES = (r"(pytorch_)?lightning.*", r"torch.*", r"optuna.*", r"mlflow.*")
@@ -29,9 +31,8 @@ def quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.level, logging.WARNING))
-    environment = {k: os.environ.get(k) for k in ENVIRONMENT}
-    os.environ.update({k: v for k, v in ENVIRONMENT.items() if environment[k] is None})   # (a user's own setting wins)
-    with warnings.catch_warnings():
+    unset = {k: v for k, v in ENVIRONMENT.items() if k not in os.environ}    # (a user's own setting wins)
+    with warnings.catch_warnings(), environment(unset):
         warnings.filterwarnings("ignore", module=WARNING_MODULES[0])
         for module in WARNING_MODULES[1:]:
             warnings.filterwarnings("ignore", category=UserWarning, module=module)
@@ -40,6 +41,3 @@ def quiet() -> Iterator[None]:
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
-            for k, v in environment.items():
-                if v is None:
-                    os.environ.pop(k, None)

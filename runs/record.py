@@ -6,7 +6,7 @@ that the way out maps to (ENDINGS), its curves and final checkpoint kept as arti
     result = record.result           # RunResult, read back from what MLflow holds
 
 On a tracking server the checkpoint written every epoch is also kept among the run's artifacts (`keep_checkpoint`),
-so that any machine can resume the run. A finished run also gets its MLflow model (runs.tracking.log_model:
+so that any machine can resume the run. A finished run also gets its MLflow model (runs.mlflow_model.log_model:
 `runs:/<run id>/model`, registered when asked); a failure to log it is noted in the tag `model_error` and never fails
 the run. Only global rank 0 writes; on other ranks the record is a name (run id) and builds its result from the module.
 """
@@ -30,8 +30,13 @@ from arches import Complexity, Spec, diff_from_base, spec_hash, to_yaml
 from arches.errors import ReslabError, first_line
 from arches.report import complexity_table
 
-from . import tracking
 from .callbacks import Interrupted, Pruned
+from .mlflow_client import client_for
+from .mlflow_model import log_model
+from .mlflow_read import read_history
+from .mlflow_recorder import MlflowRecorder, start_system_metrics, stop_system_metrics
+from .mlflow_write import (FAILURE_TAG, STATE_TAG, create_run, end_run, ensure_experiment, experiment_name,
+                           log_checkpoint, log_params, set_tags, spec_params, spec_tags)
 from .module import NonFiniteLoss
 from .plots import error_curves
 
@@ -70,10 +75,10 @@ class Ending:
 FINISHED = Ending("FINISHED", "FINISHED")
 # What stopped the run -> how it ends (the first matching type wins).
 ENDINGS: tuple[tuple[type, Ending], ...] = (
-    (NonFiniteLoss, Ending("FAILED", "FAILED", tracking.FAILURE_TAG, str, returns=True)),
+    (NonFiniteLoss, Ending("FAILED", "FAILED", FAILURE_TAG, str, returns=True)),
     (Pruned, Ending("KILLED", "PRUNED", "pruned_reason", lambda e: str(e) or "pruned")),
     (Interrupted, Ending("KILLED", "INTERRUPTED", "interrupted_by", lambda e: e.signal_name)),
-    (BaseException, Ending("FAILED", "FAILED", tracking.FAILURE_TAG)),
+    (BaseException, Ending("FAILED", "FAILED", FAILURE_TAG)),
 )
 
 
@@ -110,18 +115,18 @@ class RunRecord:
     # ---- opening ---------------------------------------------------------------------------------------
     def __enter__(self) -> "RunRecord":
         if self.rank == 0:
-            self.client = tracking.client_for(self.uri, self.output_dir)
+            self.client = client_for(self.uri, self.output_dir)
             if self.resume:
                 self.recorded_through = self._reopen()
             else:
                 self.run_id = self._create()
-            self._monitor = tracking.start_system_metrics(self.run_id, self.uri, resume=bool(self.resume))
+            self._monitor = start_system_metrics(self.run_id, self.uri, resume=bool(self.resume))
         return self
 
     @property
-    def recorder(self) -> Optional[tracking.MlflowRecorder]:
+    def recorder(self) -> Optional[MlflowRecorder]:
         """The per-epoch MLflow callback (rank 0), or None."""
-        return tracking.MlflowRecorder(self.uri, self.run_id, self.recorded_through) if self.client else None
+        return MlflowRecorder(self.uri, self.run_id, self.recorded_through) if self.client else None
 
     def follow(self, module: Any, final: Path, data: Any = None) -> None:
         """Where the result comes from: the module's history, test results and network, the final checkpoint's
@@ -133,7 +138,7 @@ class RunRecord:
         it to resume the run; returns its artifact URI. A failed upload is a note: training goes on, and a resume
         starts from the checkpoint uploaded before."""
         try:
-            tracking.log_checkpoint(self.client, self.run_id, path)
+            log_checkpoint(self.client, self.run_id, path)
         except Exception as e:  # noqa: BLE001
             print(f"note: could not upload run {self.run_id}'s checkpoint to {self.uri}: {first_line(e)}",
                   file=sys.stderr)
@@ -153,18 +158,18 @@ class RunRecord:
         if self.parent_run_id and self.experiment is None:   # a nested child lives in its parent's experiment
             exp_id = client.get_run(self.parent_run_id).info.experiment_id
         else:
-            name = self.experiment or tracking.experiment_name(spec)
-            exp_id = tracking.ensure_experiment(client, name, self.output_dir, description=(
+            name = self.experiment or experiment_name(spec)
+            exp_id = ensure_experiment(client, name, self.output_dir, description=(
                 f"reslab training runs of the {name} family (`python cli.py run SPEC`): params are the resolved "
                 f"spec, metrics per epoch (step = epoch), the trained network is each run's model."))
-        tags = {**tracking.spec_tags(spec, self.cost), **owner_tags(),
+        tags = {**spec_tags(spec, self.cost), **owner_tags(),
                 **{k: str(v) for k, v in (self.tags or {}).items()}}
-        run_id = tracking.create_run(client, exp_id, self.run_name or spec.name, parent_run_id=self.parent_run_id)
+        run_id = create_run(client, exp_id, self.run_name or spec.name, parent_run_id=self.parent_run_id)
         try:
-            tracking.log_params(client, run_id, tracking.spec_params(spec))
+            log_params(client, run_id, spec_params(spec))
             if self.params:                      # what the run stands for in a study (arm, seed)
-                tracking.log_params(client, run_id, self.params)
-            tracking.set_tags(client, run_id, tags)
+                log_params(client, run_id, self.params)
+            set_tags(client, run_id, tags)
             client.log_text(run_id, to_yaml(spec), "spec.yaml")
             client.log_text(run_id, model_table(self.cost), "model.txt")
             client.log_dict(run_id, self.cost.to_dict(), "complexity.json")
@@ -173,8 +178,8 @@ class RunRecord:
                 client.log_dict(run_id, {k: {"base": a, "value": b} for k, (a, b) in diff.items()},
                                 "diff_from_base.json")
         except BaseException as e:
-            tracking.end_run(client, run_id, "FAILED",
-                             {tracking.FAILURE_TAG: f"recording the run failed: {type(e).__name__}: {e}"})
+            end_run(client, run_id, "FAILED",
+                    {FAILURE_TAG: f"recording the run failed: {type(e).__name__}: {e}"})
             raise
         return run_id
 
@@ -197,12 +202,12 @@ class RunRecord:
                   f"{run.data.tags.get(HOST_TAG, 'an unknown machine')}, "
                   f"{'which is gone (killed?)' if owner == 'gone' else 'which cannot be checked from here'}; "
                   f"resuming from its last checkpoint", file=sys.stderr)
-        for tag in (tracking.FAILURE_TAG, tracking.STATE_TAG, *ENDING_TAGS):
+        for tag in (FAILURE_TAG, STATE_TAG, *ENDING_TAGS):
             if tag in run.data.tags:
                 client.delete_tag(run_id, tag)
-        tracking.set_tags(client, run_id, {"resumed": int(run.data.tags.get("resumed", "0")) + 1, **owner_tags()})
+        set_tags(client, run_id, {"resumed": int(run.data.tags.get("resumed", "0")) + 1, **owner_tags()})
         client.update_run(run_id, status="RUNNING")
-        history = tracking.read_history(client, run_id, ("train/loss",))
+        history = read_history(client, run_id, ("train/loss",))
         return max((int(r["epoch"]) for r in history), default=0)
 
     # ---- closing ---------------------------------------------------------------------------------------
@@ -213,9 +218,9 @@ class RunRecord:
         history = list(self._module.history) if self._module is not None else []
         test = dict((self._module.results.get("test") or {}) if self._module is not None else {})
         if self.client is not None:
-            tracking.stop_system_metrics(self._monitor)
+            stop_system_metrics(self._monitor)
             try:
-                history = tracking.read_history(self.client, self.run_id)
+                history = read_history(self.client, self.run_id)
                 test = {k: v for k, v in self.client.get_run(self.run_id).data.metrics.items()
                         if k.startswith("test/")}
                 self._log_artifacts(history, final)
@@ -226,8 +231,8 @@ class RunRecord:
                     raise
                 print(f"note: could not keep run {self.run_id}'s curves: {first_line(e)}", file=sys.stderr)
             try:
-                tracking.end_run(self.client, self.run_id, ending.status,
-                                 {tracking.STATE_TAG: ending.state, **({ending.why_tag: why} if why else {})})
+                end_run(self.client, self.run_id, ending.status,
+                        {STATE_TAG: ending.state, **({ending.why_tag: why} if why else {})})
                 self.ended = True
             except Exception as e:  # noqa: BLE001  (the store itself failed: say so, keep the first error)
                 if exc is None:
@@ -254,7 +259,7 @@ class RunRecord:
                                    title=f"{self.spec.name} ({self.run_id[:8]})")
                 self.client.log_artifact(self.run_id, str(png))
         if checkpoint is not None and _stamp(checkpoint) != self._kept:     # (not uploaded already, as it is)
-            tracking.log_checkpoint(self.client, self.run_id, checkpoint)
+            log_checkpoint(self.client, self.run_id, checkpoint)
 
     def _log_model(self, step: int) -> None:
         """The trained network as the run's MLflow model, the resolved spec beside it (a failure is noted)."""
@@ -267,13 +272,13 @@ class RunRecord:
             with tempfile.TemporaryDirectory(prefix="reslab-") as tmp:
                 spec_file = Path(tmp) / "spec.yaml"
                 spec_file.write_text(to_yaml(self.spec))
-                self._model = tracking.log_model(
+                self._model = log_model(
                     self.client, self.run_id, network, example, step=step,
                     files=[spec_file], register=self.register,
                     metadata={"reslab_spec": self.spec.name, "reslab_spec_hash": spec_hash(self.spec)})
         except Exception as e:  # noqa: BLE001  (the run's record stays whole without its model)
             self._model = {"error": f"{type(e).__name__}: {first_line(e)}"}
-            tracking.set_tags(self.client, self.run_id, {MODEL_ERROR_TAG: self._model["error"]})
+            set_tags(self.client, self.run_id, {MODEL_ERROR_TAG: self._model["error"]})
 
 
 def _stamp(path: Path) -> tuple:

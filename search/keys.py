@@ -46,4 +46,4 @@ KIND_TAG = "reslab.kind"                # on the parent: ablation | search
 TRIAL_TAG = "reslab.trial"              # on children: the Optuna trial number
 ATTEMPTS_TAG = "reslab.attempts"        # on a child resumed by a retry: its attempts' trial numbers, "3, 7"
 TRIALS_TAG = "reslab.trials"            # on the parent: trial counts by state ("4 complete, 1 fail")
-# (a child's state and failure reason use the tags every run has: runs.tracking.STATE_TAG, FAILURE_TAG)
+# (a child's state and failure reason use the tags every run has: runs.mlflow_write.STATE_TAG, FAILURE_TAG)

@@ -33,9 +33,10 @@ import torch
 
 from arches import Complexity, Spec, build_model, complexity, spec_from_dict
 from arches.errors import ReslabError, SpecError, first_line
-from runs import tracking
 from runs.checkpoint import resumable
+from runs.environment import environment
 from runs.fit import CHECKPOINT_ENV, Interrupted, Pruned, train, uses_cuda
+from runs.mlflow_write import STATE_TAG, set_tags
 from runs.quiet import quiet
 from runs.record import RUN_ID_ENV
 
@@ -139,7 +140,7 @@ def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
         return None
     runs = recording.trial_runs(ctx.client, ctx.experiment_id, ctx.parent_run_id).get(int(before), [])
     for run in runs:
-        if run.info.status in ("RUNNING", "KILLED") and run.data.tags.get(tracking.STATE_TAG) != "PRUNED":
+        if run.info.status in ("RUNNING", "KILLED") and run.data.tags.get(STATE_TAG) != "PRUNED":
             if resumable(ctx.client, run, ctx.output_dir):
                 return run
             if run.info.status == "RUNNING":    # its worker died before any checkpoint: close it
@@ -148,20 +149,11 @@ def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
     return None
 
 
-@contextlib.contextmanager
 def leading(ctx: TrialContext, trial: optuna.Trial, spec: Spec, prune: Optional[str]):
     """While rank 0 trains a trial of several devices: the trial in the environment of the ranks Lightning starts."""
-    before = os.environ.get(FOLLOW_ENV)
-    os.environ[FOLLOW_ENV] = json.dumps({
+    return environment({FOLLOW_ENV: json.dumps({
         "spec": spec.model_dump(mode="json"), "tracking_uri": ctx.tracking_uri, "output_dir": str(ctx.output_dir),
-        "prune": prune, "label": f"[worker {ctx.worker}] trial {trial.number}", "leader": os.getpid()})
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(FOLLOW_ENV, None)
-        else:
-            os.environ[FOLLOW_ENV] = before
+        "prune": prune, "label": f"[worker {ctx.worker}] trial {trial.number}", "leader": os.getpid()})})
 
 
 def _end_with(leader: int) -> None:
@@ -245,8 +237,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
     resume = previous.info.run_id if previous is not None else None
     if previous is not None:         # one MLflow run for the cell, its attempts named
         attempts = previous.data.tags.get(keys.ATTEMPTS_TAG) or previous.data.tags.get(keys.TRIAL_TAG, "?")
-        tracking.set_tags(ctx.client, resume, {keys.TRIAL_TAG: trial.number,
-                                               keys.ATTEMPTS_TAG: f"{attempts}, {trial.number}"})
+        set_tags(ctx.client, resume, {keys.TRIAL_TAG: trial.number,
+                                      keys.ATTEMPTS_TAG: f"{attempts}, {trial.number}"})
     try:
         with leading(ctx, trial, spec, prune) if ctx.devices > 1 else contextlib.nullcontext():
             result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,

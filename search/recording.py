@@ -2,7 +2,7 @@
 
 Children are created by runs.fit.train (parent_run_id=...); this module creates and finds the parent, tags
 children with their trial's state and the values they stand for, and closes children of dead workers. Every
-write goes through runs.tracking.
+write goes through runs.mlflow_write.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from mlflow.tracking import MlflowClient
 
-from runs import tracking
+from runs.mlflow_read import child_runs
+from runs.mlflow_write import FAILURE_TAG, STATE_TAG, create_run, end_run, legal_key, log_params, set_tags, source_tags
 
 from . import keys
 
@@ -22,10 +23,10 @@ def experiment_name(kind: str, study: str) -> str:
 
 def create_parent_run(client: MlflowClient, experiment_id: str, study: str, kind: str, description: str = "") -> str:
     """A new parent run for the study; returns its id."""
-    tags = {keys.STUDY_TAG: study, keys.ROLE_TAG: "study", keys.KIND_TAG: kind, **tracking.source_tags()}
+    tags = {keys.STUDY_TAG: study, keys.ROLE_TAG: "study", keys.KIND_TAG: kind, **source_tags()}
     if description:
         tags["mlflow.note.content"] = description
-    return tracking.create_run(client, experiment_id, study, tags)
+    return create_run(client, experiment_id, study, tags)
 
 
 def reopen(client: MlflowClient, run_id: str) -> None:
@@ -37,7 +38,7 @@ def reopen(client: MlflowClient, run_id: str) -> None:
 def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[int, list]:
     """Child runs by Optuna trial number."""
     out: dict[int, list] = {}
-    for run in tracking.child_runs(client, experiment_id, parent_run_id):
+    for run in child_runs(client, experiment_id, parent_run_id):
         number = run.data.tags.get(keys.TRIAL_TAG)
         if number is not None and number.isdecimal() and number.isascii():
             out.setdefault(int(number), []).append(run)
@@ -48,10 +49,10 @@ def mark_child(client: MlflowClient, run_id: str, state: str, params: dict[str, 
                reason: Optional[str] = None, status: Optional[str] = None) -> None:
     """Tag a child run with its trial's state (and the values it stands for as trial.* params), ending it with
     an MLflow status if asked."""
-    tracking.log_params(client, run_id, {tracking.legal_key(f"trial.{k}"): v for k, v in (params or {}).items()},
-                        skip_existing=True)
-    tags = {tracking.STATE_TAG: state, **({tracking.FAILURE_TAG: reason} if reason else {})}
+    log_params(client, run_id, {legal_key(f"trial.{k}"): v for k, v in (params or {}).items()},
+               skip_existing=True)
+    tags = {STATE_TAG: state, **({FAILURE_TAG: reason} if reason else {})}
     if status:
-        tracking.end_run(client, run_id, status, tags)
+        end_run(client, run_id, status, tags)
     else:
-        tracking.set_tags(client, run_id, tags)
+        set_tags(client, run_id, tags)

@@ -23,8 +23,9 @@ from rich.table import Table
 
 from arches.errors import ReslabError, did_you_mean
 from arches.report import human
-from runs import tracking
 from runs.hints import ui_hint
+from runs.mlflow_read import read_history
+from runs.mlflow_write import log_files, log_table, set_tags
 
 from . import keys, plots, recording, views
 from .design_spaces import design_space_note, design_space_rows, design_space_summary, plot_design_spaces
@@ -669,7 +670,7 @@ def arm_histories(study: optuna.Study, client: Any) -> dict[str, list[dict[int, 
         run_id = TrialRecord.of(t).run_id
         if not run_id:
             continue
-        rows = tracking.read_history(client, run_id, ("train/error", "val/error"))
+        rows = read_history(client, run_id, ("train/error", "val/error"))
         out.setdefault(t.params["arm"], []).append({row.pop("epoch"): row for row in rows})
     return out
 
@@ -711,7 +712,7 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
     with tempfile.TemporaryDirectory(prefix="reslab-report-") as tmp:
         files = write_files(report, study, client, Path(folder or tmp))
         if parent:
-            tracking.log_files(client, parent, files, "results")
+            log_files(client, parent, files, "results")
     _dashboard_note(study, report)
     if parent:
         _log_parent_summary(client, parent, report)
@@ -726,9 +727,9 @@ def finalize(storage_url: str, name: str, client: Any, storage: Any = None, inte
 def _log_parent_summary(client: Any, run_id: str, report: StudyReport) -> None:
     """The per-arm statistics as a table artifact (results/arms.json: the UI shows it as a table; they are not
     metrics, so the trials' curves keep the chart view to themselves) and the trial counts as a tag."""
-    tracking.log_table(client, run_id, report.table_rows(), "results/arms.json")
+    log_table(client, run_id, report.table_rows(), "results/arms.json")
     counts = ", ".join(f"{n} {state}" for state, n in report.trials.items())
-    tracking.set_tags(client, run_id, {keys.TRIALS_TAG: counts or "none"})
+    set_tags(client, run_id, {keys.TRIALS_TAG: counts or "none"})
 
 
 def _dashboard_note(study: optuna.Study, report: StudyReport) -> None:

@@ -22,7 +22,7 @@ import optuna
 
 from arches.errors import ReslabError, first_line
 from runs.stores import check_driver, file_lock, open_sqlite, schema_lock, server_lock
-from runs.tracking import reachable, with_driver
+from runs.mlflow_client import reachable, with_driver
 
 SQLITE_TIMEOUT_S = 120
 

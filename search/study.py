@@ -34,10 +34,11 @@ from optuna.trial import TrialState
 
 from arches.errors import ReslabError
 
-from runs import tracking
 from runs.fit import uses_cuda
+from runs.mlflow_client import client_for, default_tracking_uri
+from runs.mlflow_read import run_exists
+from runs.mlflow_write import ensure_experiment, log_files
 from runs.quiet import quiet
-from runs.tracking import client_for, default_tracking_uri, ensure_experiment
 
 from . import capacity, keys, liveness, recording, views
 from .launch import placement
@@ -231,13 +232,13 @@ def prepare(plan: StudyDesign, opts: StudyOptions, storage: Any, devices: int = 
             study.set_user_attr(keys.BASE_TEXT, plan.base.read_text())
         experiment_id = ensure_experiment(client, experiment, opts.output_dir, description=plan.mlflow_description())
         parent = attrs.get(keys.PARENT)
-        if not tracking.run_exists(client, parent):
+        if not run_exists(client, parent):
             if parent:
                 print(f"note: parent run {parent} of study '{plan.name}' is not in {opts.tracking_uri}; "
                       f"starting a new one (give every worker the same --tracking-uri)", file=sys.stderr)
             parent = recording.create_parent_run(client, experiment_id, plan.name, plan.kind, plan.mlflow_description())
             study.set_user_attr(keys.PARENT, parent)
-            tracking.log_files(client, parent, [plan.file, plan.base], "study")
+            log_files(client, parent, [plan.file, plan.base], "study")
         else:
             recording.reopen(client, parent)
     return Prepared(plan.name, experiment, experiment_id, parent, created, threads, client, devices)

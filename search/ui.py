@@ -13,7 +13,7 @@ import sys
 from typing import Any, Optional
 
 from arches.errors import ReslabError
-from runs.tracking import artifact_root, client_for, default_tracking_uri
+from runs.mlflow_client import artifact_root, client_for, default_tracking_uri
 
 
 def port_free(host: str, port: int) -> bool:

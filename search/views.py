@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from runs import tracking
 from runs.hints import program
+from runs.mlflow_client import remote_artifacts
+from runs.mlflow_write import MAX_TAG_VALUE, NOTE_TAG, legal_key, set_tags
 
 from . import keys
 
@@ -40,7 +41,7 @@ def trials_view(report: Any) -> dict:
         params = ["arm", "seed"]
         order = column("params", "arm")
     else:
-        params = [tracking.legal_key(f"trial.{k}") for k in sorted({k for r in report.trials_table
+        params = [legal_key(f"trial.{k}") for k in sorted({k for r in report.trials_table
                                                                      for k in r.params})]
         order = column("metrics", metrics[0])
     return {
@@ -82,10 +83,10 @@ def parent_note(report: Any, description: str, experiment_id: str) -> str:
             f"({view_url(experiment_id)}) · per-seed values, CSV, figures: Artifacts → results/")
     tail = "\n\n" + more + ("\n\n" + description.strip() if description.strip() else "")
     tables = result_tables(report)
-    if len(tables) + len(tail) > tracking.MAX_TAG_VALUE:
-        tables = tables[: tracking.MAX_TAG_VALUE - len(tail) - 100].rsplit("\n**", 1)[0] + \
+    if len(tables) + len(tail) > MAX_TAG_VALUE:
+        tables = tables[: MAX_TAG_VALUE - len(tail) - 100].rsplit("\n**", 1)[0] + \
             "\n\n(the remaining tables: results/results.md)"
-    return (tables + tail)[: tracking.MAX_TAG_VALUE]
+    return (tables + tail)[: MAX_TAG_VALUE]
 
 
 def experiment_note(note: str, experiment_id: str) -> str:
@@ -101,14 +102,14 @@ def publish(client: Any, parent_run_id: str, report: Any, description: str = "")
     experiment_id = run.info.experiment_id
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + SHARE_KEY, json.dumps(trials_view(report)))
     experiment = client.get_experiment(experiment_id)
-    client.set_experiment_tag(experiment_id, tracking.NOTE_TAG,
-                              experiment_note(experiment.tags.get(tracking.NOTE_TAG, ""), experiment_id))
-    tracking.set_tags(client, parent_run_id, {tracking.NOTE_TAG: parent_note(report, description, experiment_id)})
+    client.set_experiment_tag(experiment_id, NOTE_TAG,
+                              experiment_note(experiment.tags.get(NOTE_TAG, ""), experiment_id))
+    set_tags(client, parent_run_id, {NOTE_TAG: parent_note(report, description, experiment_id)})
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """A trial's MLflow run page: on the tracking server, else where `reslab ui` serves the local store."""
-    base = tracking_uri.rstrip("/") + "/" if tracking.remote_artifacts(tracking_uri) else UI_ADDRESS + "/"
+    base = tracking_uri.rstrip("/") + "/" if remote_artifacts(tracking_uri) else UI_ADDRESS + "/"
     return f"{base}#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -123,6 +124,6 @@ def link_trial(trial: Any, tracking_uri: str, experiment_id: str, run_id: Option
         from optuna_dashboard import save_note
     except ImportError:
         return
-    served = "" if tracking.remote_artifacts(tracking_uri) else \
+    served = "" if remote_artifacts(tracking_uri) else \
         f" (start the UI with `{program()} ui" + (f" --output-dir {output_dir}`)" if output_dir else "`)")
     save_note(trial, f"MLflow run: [{run_id}]({url}){served}")

@@ -18,15 +18,16 @@ from pathlib import Path
 import optuna
 
 from arches.errors import ReslabError
+from runs.mlflow_client import client_for
+from runs.mlflow_write import ensure_experiment
 from runs.quiet import quiet
-from runs.tracking import client_for, ensure_experiment
 
 from . import keys
+from .objective import follow_trial, following
 from .recording import experiment_name
+from .report import finalize
 from .space import load_study_file, study_name_of
 from .storage import open_storage
-from .objective import following, follow_trial
-from .report import finalize
 from .study import Prepared, StudyOptions, run_worker
 
 

@@ -99,7 +99,7 @@ def test_a_run_id_starts_from_that_runs_checkpoint(tmp_path, monkeypatch, capsys
 
     from runs.checkpoint import checkpoint_dir
     from runs.module import ReslabModule
-    from runs.tracking import default_tracking_uri
+    from runs.mlflow_client import default_tracking_uri
 
     outputs = tmp_path / "outputs"
     uri = default_tracking_uri(outputs)

@@ -181,7 +181,7 @@ def trained(tmp_path_factory) -> dict:
     """A tiny ResNet trained for one epoch on 2,000 Fashion-MNIST images, recorded in a fresh MLflow store."""
     from conftest import FASHION_MNIST
     from runs.fit import train
-    from runs.tracking import default_tracking_uri
+    from runs.mlflow_client import default_tracking_uri
 
     if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
         pytest.fail("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")

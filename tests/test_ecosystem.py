@@ -20,7 +20,7 @@ from arches import load_spec, spec_hash
 from conftest import FASHION_MNIST, run_cli
 from runs.checkpoint import load_model
 from runs.fit import train
-from runs.tracking import default_tracking_uri
+from runs.mlflow_client import default_tracking_uri
 
 TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "stem.width=8", "stages.0.width=8",
         "stages.1.width=16", "stages.2.width=32", "data.train_subset=384", "data.val_size=256",

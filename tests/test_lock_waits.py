@@ -63,7 +63,7 @@ def test_a_command_waiting_for_a_file_lock_says_who_holds_it(tmp_path):
 def test_a_command_waiting_for_a_server_lock_says_who_holds_it(postgres):  # noqa: F811
     import sqlalchemy
 
-    from runs.tracking import with_driver
+    from runs.mlflow_client import with_driver
 
     url = with_driver(postgres + "/mlflow")
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)

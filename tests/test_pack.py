@@ -198,7 +198,7 @@ def test_pack_on_cuda_trains_as_alone(compile_mode):
 def test_each_member_is_its_own_mlflow_run(outputs):
     from mlflow import MlflowClient
 
-    from runs import tracking
+    from runs.mlflow_write import spec_params, spec_tags
     from runs.pack_record import train_pack
 
     specs = [tiny(*MEMBERS[0]), tiny(*MEMBERS[1]), tiny("train.seed=2", "train.lr=1e6")]
@@ -208,9 +208,9 @@ def test_each_member_is_its_own_mlflow_run(outputs):
     assert [r.status for r in results] == ["FINISHED", "FINISHED", "FAILED"]
     for i, (spec, result) in enumerate(zip(specs, results)):
         run = client.get_run(result.run_id)
-        assert run.data.params == {p.key: p.value for p in tracking.spec_params(spec)}
+        assert run.data.params == {p.key: p.value for p in spec_params(spec)}
         assert run.data.tags["reslab.pack_size"] == "3" and run.data.tags["reslab.pack_index"] == str(i)
-        assert run.data.tags["spec_hash"] == tracking.spec_tags(spec, complexity_of(spec))["spec_hash"]
+        assert run.data.tags["spec_hash"] == spec_tags(spec, complexity_of(spec))["spec_hash"]
         losses = client.get_metric_history(result.run_id, "train/loss")
         assert [m.step for m in losses] == [r["epoch"] for r in result.history]
     assert len({client.get_run(r.run_id).data.tags["reslab.pack"] for r in results}) == 1

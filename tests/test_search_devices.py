@@ -109,7 +109,8 @@ trial = following()
 if trial is not None:                       # rank 1, started by Lightning from this very command line
     sys.exit(follow_trial(trial))
 import optuna
-from runs.tracking import client_for, ensure_experiment
+from runs.mlflow_client import client_for
+from runs.mlflow_write import ensure_experiment
 from search.objective import TrialContext, run_trial
 from search.space import load_study_file
 plan = load_study_file({path!r}, ["train.epochs=3"])

@@ -210,7 +210,7 @@ def test_a_result_for_a_trial_failed_as_stale_is_not_lost_silently(tmp_path):
     Optuna keeps the FAIL (the trial is retried), the MLflow run is ended FAILED to match, the worker goes on."""
     import optuna
     from optuna.trial import TrialState as S
-    from runs.tracking import client_for
+    from runs.mlflow_client import client_for
     from search.objective import Outcome
     from search.storage import open_storage
     from search.study import tell_outcome

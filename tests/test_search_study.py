@@ -186,7 +186,8 @@ def test_diverged_arm_fails_with_reason_and_study_goes_on(tmp_path, fashion_mnis
 
 
 def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, fashion_mnist):
-    from runs.tracking import client_for, ensure_experiment
+    from runs.mlflow_client import client_for
+    from runs.mlflow_write import ensure_experiment
     from search.objective import TrialContext, record, run_trial
     from search.space import load_study_file
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_cli
 from runs.fit import train
-from runs.tracking import client_for, default_tracking_uri
+from runs.mlflow_client import client_for, default_tracking_uri
 from search.storage import open_storage
 
 TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "data.val_size=256", "data.test_subset=256",
@@ -133,7 +133,7 @@ def test_a_full_disk_mid_run_fails_the_run_in_one_line_and_keeps_the_last_checkp
 
     from arches import load_spec
     from arches.errors import ReslabError
-    from runs.tracking import client_for as client
+    from runs.mlflow_client import client_for as client
 
     spec = load_spec("specs/fmnist_resnet20.yaml", [*TINY, "train.epochs=3", f"data.root={fashion_mnist}"])
 

@@ -17,7 +17,8 @@ from conftest import measure_test_accuracy
 from arches.errors import ReslabError
 from runs.checkpoint import load_model
 from runs.fit import Interrupted, Pruned, train
-from runs.tracking import default_tracking_uri, experiment_name
+from runs.mlflow_client import default_tracking_uri
+from runs.mlflow_write import experiment_name
 
 # resnet8: the demo spec with one block per stage (widths 16/32/64), on a Fashion-MNIST subset.
 SMALL = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "data.val_size=1000",
@@ -261,7 +262,7 @@ def test_the_hint_after_a_run_opens_its_store(tmp_path, monkeypatch):
     import sys
 
     from runs.fit import RunResult, summary_lines
-    from runs.tracking import default_tracking_uri
+    from runs.mlflow_client import default_tracking_uri
 
     result = RunResult("r1", "FINISHED", {})
     monkeypatch.chdir(tmp_path)

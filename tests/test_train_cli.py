@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, free_port, measure_test_accuracy, run_cli
 from runs.record import run_owner
-from runs.tracking import default_tracking_uri
+from runs.mlflow_client import default_tracking_uri
 
 TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "data.val_size=256", "data.test_subset=512"]
 

@@ -144,13 +144,13 @@ def test_schedule_state_is_plain_data():
                                           ("specs/resnext29_8x64d.yaml", "resnext"),
                                           ("specs/fmnist_resnet20.yaml", "fmnist_resnet")])
 def test_experiment_per_family(path, family):
-    from runs.tracking import experiment_name
+    from runs.mlflow_write import experiment_name
 
     assert experiment_name(load_spec(path)) == family
 
 
 def test_params_fit_mlflow_limits():
-    from runs.tracking import MAX_KEY, MAX_PARAM_VALUE, spec_params
+    from runs.mlflow_write import MAX_KEY, MAX_PARAM_VALUE, spec_params
 
     spec = load_spec("specs/resnet20.yaml", [("description", "x" * 10000)])
     params = {p.key: p.value for p in spec_params(spec)}

@@ -176,7 +176,7 @@ def trained_run(store: Path, uri: str) -> tuple[str, dict]:
 
 
 def test_init_from_a_run_id_is_looked_up_in_output_dir_and_tracking_uri(tmp_path, capsys):
-    from runs.tracking import default_tracking_uri
+    from runs.mlflow_client import default_tracking_uri
 
     out = tmp_path / "O"
     run_id, trained = trained_run(out, default_tracking_uri(out))
