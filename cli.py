@@ -156,7 +156,7 @@ def cmd_run(args) -> int:
     if args.spec is None and (not args.resume or args.overrides):
         raise ReslabError("give a spec file to train" if not args.resume else
                           "--set needs a spec file; --resume alone continues the recorded spec", file="run")
-    from runs.fit import Interrupted, summary_lines, train
+    from runs.fit import Interrupted, RunOptions, summary_lines, train
     from runs.hints import program
     from runs.mlflow_client import default_tracking_uri, remote_artifacts
 
@@ -172,8 +172,9 @@ def cmd_run(args) -> int:
     uri = args.tracking_uri or default_tracking_uri(args.output_dir)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     try:
-        result = train(spec, tracking_uri=uri, experiment=args.experiment, run_name=args.run_name,
-                       resume=args.resume, output_dir=args.output_dir, progress=progress, register=args.register)
+        result = train(spec, RunOptions(tracking_uri=uri, experiment=args.experiment, run_name=args.run_name,
+                                         resume=args.resume, output_dir=args.output_dir, progress=progress,
+                                         register=args.register))
     except Interrupted as e:
         if e.rank == 0:
             store = f"--tracking-uri {uri}" if remote_artifacts(uri) else f"--output-dir {args.output_dir}"

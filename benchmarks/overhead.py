@@ -34,7 +34,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from arches import build_model, load_spec  # noqa: E402
-from runs.fit import train  # noqa: E402
+from runs.fit import RunOptions, train  # noqa: E402
 from runs.recipe import build_optimizer, build_scheduler  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def reslab_loop(spec, batches, out: Path, device: torch.device) -> tuple[float, 
     """(epoch seconds, steps-only seconds) of one epoch over the batches by runs.fit.train, recording on."""
     watch = Stopwatch(device)
     with redirect_stdout(io.StringIO()):
-        train(spec, data=PremadeData(batches), output_dir=out, callbacks=[watch], progress=False)
+        train(spec, RunOptions(data=PremadeData(batches), output_dir=out, callbacks=[watch], progress=False))
     return watch.seconds, watch.step_seconds
 
 

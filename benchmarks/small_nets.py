@@ -33,7 +33,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from arches import load_spec  # noqa: E402
-from runs.fit import train  # noqa: E402
+from runs.fit import RunOptions, train  # noqa: E402
 
 SPEC = ROOT / "specs" / "fmnist_resnet20.yaml"
 FULL = ["data.train_subset=null", "data.augment=crop_flip"]         # all 55k training images, the standard aug
@@ -96,7 +96,7 @@ def section_single(args, out: Path) -> None:
     for name, overrides in SETTINGS.items():
         spec = load_spec(SPEC, [*FULL, f"train.epochs={args.single_epochs}", *overrides, *args.overrides])
         t0 = time.perf_counter()
-        result = train(spec, output_dir=out / "single", progress=False, run_name=name)
+        result = train(spec, RunOptions(output_dir=out / "single", progress=False, run_name=name))
         wall = time.perf_counter() - t0
         speeds = [row["images_per_s"] for row in result.history]
         later = speeds[1:] or speeds
@@ -147,7 +147,7 @@ def section_to93(args, out: Path) -> None:
     spec = load_spec(SPEC, [*FULL, f"train.epochs={args.epochs93}", *SETTINGS[args.setting], *args.overrides])
     probe = TestEveryEpoch()
     t0 = time.perf_counter()
-    result = train(spec, output_dir=out / "to93", progress=False, callbacks=[probe], run_name="to93")
+    result = train(spec, RunOptions(output_dir=out / "to93", progress=False, callbacks=[probe], run_name="to93"))
     wall = time.perf_counter() - t0
     print(f"\ntime to 93% test accuracy, ResNet-20 on Fashion-MNIST ({args.setting}; {args.epochs93} epochs "
           f"{spec.train.schedule.type}, lr {spec.train.lr}, batch {spec.train.batch_size}); {device_line()}")

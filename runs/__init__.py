@@ -3,14 +3,14 @@
 The Lightning pieces are API for any Trainer (see runs.module):
 
     from runs import ReslabData, ReslabModule      # LightningModule and LightningDataModule of a spec
-    from runs import train, load_model, export_model
+    from runs import RunOptions, train, load_model, export_model      # train(spec, RunOptions(output_dir=...))
 """
 from __future__ import annotations
 
-__all__ = ["ReslabData", "ReslabModule", "export_model", "load_model", "train"]
+__all__ = ["ReslabData", "ReslabModule", "RunOptions", "export_model", "load_model", "train"]
 
-_WHERE = {"ReslabData": "data", "ReslabModule": "module", "train": "fit", "load_model": "checkpoint",
-          "export_model": "export"}
+_WHERE = {"ReslabData": "data", "ReslabModule": "module", "RunOptions": "options", "train": "fit",
+          "load_model": "checkpoint", "export_model": "export"}
 
 
 def __getattr__(name: str):  # torch, Lightning and MLflow load on first use

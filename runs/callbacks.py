@@ -24,7 +24,8 @@ class Pruned(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run after its checkpoint was saved; resume with train(..., resume=run_id)."""
+    """Ctrl-C or SIGTERM stopped the run after its checkpoint was saved; resume with
+    train(None, RunOptions(resume=run_id))."""
 
     def __init__(self, run_id: str, signal_name: str, checkpoint: Optional[str], rank: int = 0):
         super().__init__(f"{signal_name}: run {run_id} interrupted")

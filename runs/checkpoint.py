@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from urllib.parse import unquote, urlparse
 
 import pytorch_lightning as pl
@@ -22,6 +22,9 @@ from arches.errors import ReslabError, first_line
 from arches.init import refusal
 
 from .stores import sqlite_path
+
+if TYPE_CHECKING:
+    from .record import RunRecord
 from .mlflow_client import client_for
 
 LAST = "last.ckpt"
@@ -49,13 +52,17 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
 class EpochCheckpoint(pl.Callback):
     """last.ckpt, written atomically at the end of every training epoch (and by the interrupt guard on a signal):
-    model, optimizer, schedule, loop progress and the data loader's position, so `--resume` continues exactly."""
+    model, optimizer, schedule, loop progress and the data loader's position, so `--resume` continues exactly.
+    Where it goes is the run's record's to say (runs.record.RunRecord.checkpoint), read in setup(): the record makes
+    the MLflow run, and so knows its id, after the Trainer is built."""
 
-    def __init__(self) -> None:
-        self.path: Optional[Path] = None      # <output_dir>/checkpoints/<run_id>/last.ckpt, set by train
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+        self.path: Optional[Path] = None      # <output_dir>/checkpoints/<run_id>/last.ckpt, once set up
         self.saved_step = -1                  # global step of the state last written
-        self.keep: Optional[Callable[[Path], Optional[str]]] = None  # after each write (rank 0): keep it elsewhere
-        # too (the tracking server's artifact store); returns where, which `save` then returns
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.path = self.record.checkpoint
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
@@ -73,8 +80,7 @@ class EpochCheckpoint(pl.Callback):
             return None
         write_atomically(self.path, lambda tmp: trainer.strategy.checkpoint_io.save_checkpoint(state, tmp))
         self.saved_step = trainer.global_step
-        kept = self.keep(self.path) if self.keep is not None else None
-        return kept or str(self.path)
+        return self.record.keep_checkpoint(self.path) or str(self.path)   # (on a tracking server: kept there too)
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:

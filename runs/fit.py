@@ -1,12 +1,12 @@
 """One spec, one run: train with the PyTorch Lightning Trainer, record everything in one MLflow run.
 
-    result = train(load_spec("specs/fmnist_resnet20.yaml"))
+    result = train(load_spec("specs/fmnist_resnet20.yaml"))      # or train(spec, RunOptions(output_dir=..., ...))
     result.run_id, result.status, result.metrics["test/acc"], result.history  # one row per epoch
 
 Only global rank 0 talks to MLflow; under DDP (`devices: 2`) every process trains and the metrics cover the
 whole data set. A NaN/inf loss ends the run FAILED (returned, not raised); Ctrl-C or SIGTERM saves a checkpoint,
-ends the run KILLED and raises `Interrupted`; `train(..., resume=run_id)` continues it in the same MLflow run.
-How each way out ends the MLflow run is the table runs.record.ENDINGS.
+ends the run KILLED and raises `Interrupted`; `train(None, RunOptions(resume=run_id))` continues it in the same
+MLflow run. How each way out ends the MLflow run is the table runs.record.ENDINGS.
 
 Several nodes (`num_nodes: M`, launched on every node by torchrun, SLURM's srun, or with the variables Lightning reads:
 MASTER_ADDR, MASTER_PORT, NODE_RANK) make one MLflow run too: global rank 0 creates it. On a tracking server
@@ -20,14 +20,15 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from arches import Complexity, Spec, complexity, plan_network, spec_hash
+from arches import Spec, complexity, plan_network, spec_hash
 from arches.errors import ReslabError, first_line
 
 from .callbacks import EpochBar, EpochLines, InterruptGuard, Interrupted, Pruned, epoch_line  # noqa: F401  (the API)
@@ -36,7 +37,9 @@ from .checkpoint import (LAST, EpochCheckpoint, InitCheckpoint, checkpoint_dir, 
 from .data import ReslabData
 from .environment import environment
 from .mlflow_client import client_for, default_tracking_uri, remote_artifacts, with_driver
+from .mlflow_recorder import MlflowRecorder
 from .module import EpochSummary, ReslabModule
+from .options import RunOptions
 from .pack import MEMBER_OF
 from .quiet import quiet
 from .record import RUN_ID_ENV, RunRecord, RunResult
@@ -79,27 +82,30 @@ def trainer_settings(spec: Spec) -> dict[str, Any]:
     )
 
 
-def build_trainer(spec: Spec, output_dir: Union[str, Path], progress: Optional[bool] = None,
-                  callbacks: Sequence[pl.Callback] = ()) -> tuple[pl.Trainer, tuple]:
-    """The Trainer `train` uses, with its callbacks in order: EpochSummary, progress (rich bar or lines), the
-    caller's, InterruptGuard, EpochCheckpoint (last.ckpt every epoch). Returns (trainer, (summary, guard,
-    checkpoint)); `train` inserts the MLflow recorder after the summary on rank 0."""
-    show_bar = sys.stdout.isatty() if progress is None else bool(progress)
-    ckpt = EpochCheckpoint()
-    summary, guard = EpochSummary(), InterruptGuard(ckpt)
-    progress_cb = EpochBar() if show_bar else EpochLines(spec.train.epochs)
+def uses_channels_last(spec: Spec) -> bool:
+    """train.channels_last; unset: on for CUDA runs."""
+    last = spec.train.channels_last
+    return uses_cuda(spec) if last is None else bool(last)
+
+
+def build_trainer(spec: Spec, record: RunRecord, guard: InterruptGuard, options: RunOptions) -> pl.Trainer:
+    """The Trainer `train` uses, with its callbacks in order: EpochSummary (closes each epoch's row), the MLflow
+    recorder (writes the row to the record's run, on rank 0), progress (rich bar or one line per epoch), the
+    caller's (options.callbacks), the interrupt guard and its EpochCheckpoint (last.ckpt every epoch)."""
+    show_bar = sys.stdout.isatty() if options.progress is None else bool(options.progress)
+    progress = EpochBar() if show_bar else EpochLines(spec.train.epochs)
+    callbacks = [EpochSummary(), MlflowRecorder(record), progress, *options.callbacks, guard, guard.checkpoint]
     try:
         with quiet():
-            trainer = pl.Trainer(**trainer_settings(spec), enable_progress_bar=show_bar,
-                                 callbacks=[summary, progress_cb, *callbacks, guard, ckpt],
-                                 default_root_dir=str(output_dir))
+            trainer = pl.Trainer(**trainer_settings(spec), enable_progress_bar=show_bar, callbacks=callbacks,
+                                 default_root_dir=str(options.output_dir))
     except (MisconfigurationException, ValueError, RuntimeError) as e:   # e.g. accelerator gpu without a GPU
         first = first_line(e) or type(e).__name__
         raise ReslabError(f"cannot train with accelerator={spec.train.accelerator}, devices={spec.train.devices}, "
                           f"precision={spec.train.precision}, strategy={spec.train.strategy}: {first}",
                           path="train") from None
     _check_launched(trainer, spec)
-    return trainer, (summary, guard, ckpt)
+    return trainer
 
 
 def _check_launched(trainer: pl.Trainer, spec: Spec) -> None:
@@ -189,47 +195,32 @@ def _resumed_spec(spec: Optional[Spec], checkpoint: Optional[Path], run_id: Opti
 
 
 # ---- the run --------------------------------------------------------------------------------------------
-def train(spec: Optional[Spec], *, tracking_uri: Optional[str] = None, experiment: Optional[str] = None,
-          run_name: Optional[str] = None, parent_run_id: Optional[str] = None, tags: Optional[dict] = None,
-          callbacks: Sequence[pl.Callback] = (), resume: Optional[str] = None,
-          output_dir: Union[str, Path] = "outputs", progress: Optional[bool] = None,
-          cost: Optional[Complexity] = None, data: Optional[pl.LightningDataModule] = None,
-          params: Optional[dict] = None, register: Optional[str] = None) -> RunResult:
-    """Train `spec` and record it as one MLflow run (see the module docstring). `spec` may be None when
-    resuming: the checkpoint's spec is used. `progress`: rich bar (True), one line per epoch (False), or by
-    whether stdout is a terminal (None). `cost`: the spec's complexity when the caller has it; `data`: a data
-    module to train on instead of the spec's data set; `params`: more MLflow params (a study's arm and seed);
-    `register`: register the run's MLflow model under this name (a new version)."""
-    output_dir = Path(output_dir).expanduser().resolve()
-    uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
+def train(spec: Optional[Spec], options: RunOptions = RunOptions()) -> RunResult:
+    """Train `spec` and record it as one MLflow run, as `options` say (see the module docstring and
+    runs.options.RunOptions). `spec` may be None when resuming: the checkpoint's spec is used."""
+    output_dir = Path(options.output_dir).expanduser().resolve()
+    uri = with_driver(options.tracking_uri or default_tracking_uri(output_dir))
+    options = replace(options, tracking_uri=uri, output_dir=output_dir)
     with _work_folder(remote_artifacts(uri)) as work:     # (a run on a tracking server: its checkpoints)
-        checkpoint = resume_checkpoint(resume, output_dir, uri, work) if resume else None
-        spec = _resumed_spec(spec, checkpoint, resume)
+        checkpoint = resume_checkpoint(options.resume, output_dir, uri, work) if options.resume else None
+        spec = _resumed_spec(spec, checkpoint, options.resume)
         plan = plan_network(spec)                      # once: the module and the complexity share it
-        cost = cost or complexity(spec, plan=plan)
+        cost = options.cost or complexity(spec, plan=plan)
 
         with quiet(), _threads(spec.train.threads):
             pl.seed_everything(spec.train.seed, workers=True, verbose=False)
-            data = data or ReslabData(spec)
+            data = options.data or ReslabData(spec)
             data.prepare_data()
             if hasattr(data, "check"):
                 data.check()                      # missing or corrupt data: one line, before any run is created
-            module = ReslabModule(spec, plan, resolve=InitCheckpoint(uri, output_dir))   # init_from: RUN_ID here
-            last = spec.train.channels_last
-            module.channels_last = uses_cuda(spec) if last is None else bool(last)
-            trainer, (summary, guard, ckpt) = build_trainer(spec, output_dir, progress, callbacks)
-            record = RunRecord(uri, spec, cost, output_dir=output_dir, rank=trainer.global_rank,
-                               experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
-                               resume=resume, params=params, register=register)
+            module = ReslabModule(spec, plan, resolve=InitCheckpoint(uri, output_dir),   # init_from: RUN_ID here
+                                  channels_last=uses_channels_last(spec))
+            record = RunRecord(spec, cost, options, module=module, data=data, work_folder=work)
+            guard = InterruptGuard(EpochCheckpoint(record))
+            trainer = build_trainer(spec, record, guard, options)
             try:
-                with record, _launcher_env(record.run_id, checkpoint), guard.watching():
-                    recorder = record.recorder             # (a new callback each time it is asked for)
-                    if recorder is not None:
-                        trainer.callbacks.insert(trainer.callbacks.index(summary) + 1, recorder)
-                    ckpt.path = (work or checkpoint_dir(output_dir, record.run_id or "rank-unknown")) / LAST
-                    if work is not None and record.client is not None:
-                        ckpt.keep = record.keep_checkpoint         # uploaded every epoch: any machine resumes it
-                    record.follow(module, final=ckpt.path, data=data)
+                with record.for_rank(trainer.global_rank), _launcher_env(record.run_id, checkpoint), \
+                        guard.watching():
                     with guard.as_interrupted(record.run_id, trainer.global_rank):
                         guard.fit(trainer, module, datamodule=data,
                                   ckpt_path=str(checkpoint) if checkpoint else None)

@@ -3,12 +3,15 @@ MLflow's system-metrics monitor."""
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 
 from .mlflow_write import log_datasets, log_metrics
+
+if TYPE_CHECKING:
+    from .record import RunRecord
 
 
 def start_system_metrics(run_id: str, tracking_uri: str, resume: bool = False) -> Any:
@@ -39,28 +42,36 @@ def stop_system_metrics(monitor: Any) -> None:
 
 class MlflowRecorder(pl.Callback):
     """Lightning callback: logs the data module's data sets (`dataset_inputs()`) when training starts and each
-    epoch's row (ReslabModule.history, closed by EpochSummary) to the MLflow run, on global rank 0.
+    epoch's row (ReslabModule.history, closed by EpochSummary) to the run of the record it is given
+    (runs.record.RunRecord), on global rank 0. The run is read from the record in setup(): the record makes the
+    MLflow run after the Trainer is built.
 
     Rows of epochs already recorded (an interrupted attempt of a resumed run) are skipped: no duplicates.
-    Holds only strings until first used, so it pickles (ddp_spawn)."""
+    Opens its own client when first used, so it pickles (ddp_spawn)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, recorded_through: int = 0):
-        self.tracking_uri, self.run_id, self.recorded_through = tracking_uri, run_id, recorded_through
+    def __init__(self, record: RunRecord):
+        self.record = record
+        self.run_id: Optional[str] = None      # the record's, from setup() on
+        self.recorded_through = 0              # the last epoch in MLflow
         self._client: Optional[MlflowClient] = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.run_id is None:                # (once: the test after fit goes on from fit's last epoch)
+            self.run_id, self.recorded_through = self.record.run_id, self.record.recorded_through
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = MlflowClient(self.record.uri)
         return self._client
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        describe = getattr(trainer.datamodule, "dataset_inputs", None)
-        if trainer.is_global_zero and describe is not None:
-            log_datasets(self.client, self.run_id, describe())
+        dataset_inputs = getattr(trainer.datamodule, "dataset_inputs", None)
+        if trainer.is_global_zero and dataset_inputs is not None:
+            log_datasets(self.client, self.run_id, dataset_inputs())
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         history = getattr(pl_module, "history", None)

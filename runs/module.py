@@ -79,9 +79,10 @@ class ReslabModule(pl.LightningModule):
     """Cross-entropy training of `build_model(spec)` with the spec's optimizer, schedule and metrics."""
 
     def __init__(self, spec: Union[Spec, dict], plan: Optional[NetworkPlan] = None,
-                 resolve: Optional[Resolve] = None):
+                 resolve: Optional[Resolve] = None, channels_last: bool = False):
         """`resolve`: turns `init_from: RUN_ID` into that run's checkpoint (default: runs.checkpoint.init_checkpoint,
-        $MLFLOW_TRACKING_URI else outputs/mlflow.db; a command passes its own store)."""
+        $MLFLOW_TRACKING_URI else outputs/mlflow.db; a command passes its own store). `channels_last`: weights and
+        inputs in channels-last memory format (runs.fit.uses_channels_last: GPU runs)."""
         super().__init__()
         self.spec: Spec = spec if isinstance(spec, Spec) else spec_from_dict(spec)
         self.save_hyperparameters({"spec": self.spec.model_dump(mode="json") if isinstance(spec, Spec) else spec})
@@ -94,7 +95,7 @@ class ReslabModule(pl.LightningModule):
         self.metric_acc = nn.ModuleDict({f"{s}_": CorrectCount() for s in SPLITS})
         for metric in [*self.metric_loss.values(), *self.metric_acc.values()]:
             metric.persistent(True)      # in checkpoints: an epoch resumed part-way keeps what it had summed
-        self.channels_last = False        # set by fit.py for GPU runs
+        self.channels_last = channels_last
         self.compile_mode = compile_mode(self.spec.train.compile)   # None: eager
         self.results: dict[str, dict[str, float]] = {}  # split -> last computed metrics
         self.history: list[dict[str, float]] = []        # one row per epoch (close_epoch)

@@ -20,10 +20,11 @@ import torch
 from arches import Spec, build_model, complexity
 
 from .callbacks import Pruned
-from .checkpoint import LAST, checkpoint_dir, write_atomically
+from .checkpoint import write_atomically
 from .mlflow_client import default_tracking_uri, with_driver
 from .mlflow_write import log_datasets, log_metrics
 from .module import NonFiniteLoss
+from .options import RunOptions
 from .pack import Member, Pack
 from .record import RunRecord, RunResult
 
@@ -78,13 +79,13 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
     for i, m in enumerate(pack.members):
         extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_size": len(specs),
                  "reslab.pack_index": i}
-        record = RunRecord(uri, m.spec, complexity(m.spec), output_dir=output_dir, experiment=experiment,
-                           run_name=(run_names or [None] * len(specs))[i], parent_run_id=parent_run_id,
-                           tags=extra, params=(params or [None] * len(specs))[i])
-        record.__enter__()
+        options = RunOptions(tracking_uri=uri, output_dir=output_dir, experiment=experiment,
+                             run_name=(run_names or [None] * len(specs))[i], parent_run_id=parent_run_id, tags=extra,
+                             params=(params or [None] * len(specs))[i])
         view = MemberView(m)
-        finals.append(checkpoint_dir(output_dir, record.run_id) / LAST)
-        record.follow(view, final=finals[-1], data=m.data)
+        record = RunRecord(m.spec, complexity(m.spec), options, module=view, data=m.data)
+        record.__enter__()
+        finals.append(record.checkpoint)
         log_datasets(record.client, record.run_id, m.data.dataset_inputs())
         records.append(record)
         views.append(view)

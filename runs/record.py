@@ -1,8 +1,9 @@
 """The MLflow record of one training run: opened (or reopened, to resume) on entry, ended on exit with the status
 that the way out maps to (ENDINGS), its curves and final checkpoint kept as artifacts.
 
-    with RunRecord(uri, spec, cost, output_dir=out, rank=trainer.global_rank) as record:
-        ...train, using record.run_id and record.recorder...
+    record = RunRecord(spec, cost, options, module=module, data=data)     # options: runs.options.RunOptions
+    with record.for_rank(trainer.global_rank):
+        ...train: record.run_id names the run, the callbacks read it in their setup()...
     result = record.result           # RunResult, read back from what MLflow holds
 
 On a tracking server the checkpoint written every epoch is also kept among the run's artifacts (`keep_checkpoint`),
@@ -31,13 +32,15 @@ from arches.errors import ReslabError, first_line
 from arches.report import complexity_table
 
 from .callbacks import Interrupted, Pruned
+from .checkpoint import LAST, checkpoint_dir
 from .mlflow_client import client_for
 from .mlflow_model import log_model
 from .mlflow_read import read_history
-from .mlflow_recorder import MlflowRecorder, start_system_metrics, stop_system_metrics
+from .mlflow_recorder import start_system_metrics, stop_system_metrics
 from .mlflow_write import (FAILURE_TAG, STATE_TAG, create_run, end_run, ensure_experiment, experiment_name,
                            log_checkpoint, log_params, set_tags, spec_params, spec_tags)
 from .module import NonFiniteLoss
+from .options import RunOptions
 from .plots import error_curves
 
 RUN_ID_ENV = "RESLAB_RUN_ID"   # hands the MLflow run id to DDP processes started by the launcher
@@ -89,54 +92,63 @@ def ending_for(exc: Optional[BaseException]) -> Ending:
 
 
 class RunRecord:
-    """One run's MLflow record (see the module docstring). `follow(module, final)` names where the epochs and
-    the final checkpoint come from before training starts."""
+    """One run's MLflow record (see the module docstring), as `options` say: its store (tracking_uri and output_dir,
+    resolved), names, tags, params, resume and register. `module`: where the epochs, test results and network come
+    from (a ReslabModule, or a pack member's view of them); `data`: the data module (the model's input example);
+    `work_folder`: where a run on a tracking server writes its checkpoints (uploaded every epoch)."""
 
-    def __init__(self, tracking_uri: str, spec: Spec, cost: Complexity, *, output_dir: Path, rank: int = 0,
-                 experiment: Optional[str] = None, run_name: Optional[str] = None,
-                 parent_run_id: Optional[str] = None, tags: Optional[dict] = None, resume: Optional[str] = None,
-                 params: Optional[dict] = None, register: Optional[str] = None):
-        self.uri, self.spec, self.cost, self.output_dir, self.rank = tracking_uri, spec, cost, output_dir, rank
-        self.experiment, self.run_name, self.parent_run_id, self.tags = experiment, run_name, parent_run_id, tags
-        self.resume, self.params, self.register = resume, params, register
+    def __init__(self, spec: Spec, cost: Complexity, options: RunOptions, *, module: Any = None, data: Any = None,
+                 work_folder: Optional[Path] = None):
+        self.spec, self.cost, self.options = spec, cost, options
+        self.uri, self.output_dir = options.tracking_uri, Path(options.output_dir)
+        self.work_folder = work_folder
+        self.rank = 0                      # global rank of this process (for_rank)
         self.client: Any = None
-        self.run_id = os.environ.get(RUN_ID_ENV) or resume or ""
+        self.run_id = os.environ.get(RUN_ID_ENV) or options.resume or ""
         self.recorded_through = 0          # epochs already in MLflow (a resumed run)
         self.result: Optional[RunResult] = None
         self.ended = False                 # the MLflow run was ended (rank 0)
         self._monitor: Any = None
-        self._module: Any = None
-        self._data: Any = None
-        self._final: Optional[Path] = None
+        self._module, self._data = module, data
         self._model: dict[str, Any] = {}
         self._kept: Optional[tuple] = None  # (file, mtime, size) of the checkpoint last uploaded by keep_checkpoint
         self._artifact_uri: Optional[str] = None
 
     # ---- opening ---------------------------------------------------------------------------------------
+    def for_rank(self, rank: int) -> "RunRecord":
+        """The record, to enter in the process of global rank `rank` (known once the Trainer is built): rank 0 makes
+        (or reopens) the MLflow run and writes it; the other ranks only name it."""
+        self.rank = rank
+        return self
+
     def __enter__(self) -> "RunRecord":
         if self.rank == 0:
             self.client = client_for(self.uri, self.output_dir)
-            if self.resume:
+            if self.options.resume:
                 self.recorded_through = self._reopen()
             else:
                 self.run_id = self._create()
-            self._monitor = start_system_metrics(self.run_id, self.uri, resume=bool(self.resume))
+            self._monitor = start_system_metrics(self.run_id, self.uri, resume=bool(self.options.resume))
         return self
 
-    @property
-    def recorder(self) -> Optional[MlflowRecorder]:
-        """The per-epoch MLflow callback (rank 0), or None."""
-        return MlflowRecorder(self.uri, self.run_id, self.recorded_through) if self.client else None
+    def __getstate__(self) -> dict:
+        """What a process that DDP's spawn starts gets through the callbacks that read the record: its names, not
+        the store's client or the system-metrics monitor."""
+        return {**self.__dict__, "client": None, "_monitor": None}
 
-    def follow(self, module: Any, final: Path, data: Any = None) -> None:
-        """Where the result comes from: the module's history, test results and network, the final checkpoint's
-        path, and the data module (the model's input example)."""
-        self._module, self._final, self._data = module, final, data
+    @property
+    def checkpoint(self) -> Path:
+        """Where the run's last.ckpt is written: <output_dir>/checkpoints/<run id>/, or the work folder of a run on a
+        tracking server."""
+        return (self.work_folder or checkpoint_dir(self.output_dir, self.run_id or "rank-unknown")) / LAST
 
     def keep_checkpoint(self, path: Path) -> Optional[str]:
-        """Upload the checkpoint just written to the run's artifacts (checkpoints/last.ckpt), where any machine finds
-        it to resume the run; returns its artifact URI. A failed upload is a note: training goes on, and a resume
-        starts from the checkpoint uploaded before."""
+        """On a tracking server (rank 0), upload the checkpoint just written to the run's artifacts
+        (checkpoints/last.ckpt), where any machine finds it to resume the run; returns its artifact URI (None when
+        not on a server). A failed upload is a note: training goes on, and a resume starts from the checkpoint
+        uploaded before."""
+        if self.work_folder is None or self.client is None:
+            return None
         try:
             log_checkpoint(self.client, self.run_id, path)
         except Exception as e:  # noqa: BLE001
@@ -154,21 +166,21 @@ class RunRecord:
 
     def _create(self) -> str:
         """Create the run and record what identifies it: params, tags, spec, model table."""
-        client, spec = self.client, self.spec
-        if self.parent_run_id and self.experiment is None:   # a nested child lives in its parent's experiment
-            exp_id = client.get_run(self.parent_run_id).info.experiment_id
+        client, spec, options = self.client, self.spec, self.options
+        if options.parent_run_id and options.experiment is None:   # a nested child lives in its parent's experiment
+            exp_id = client.get_run(options.parent_run_id).info.experiment_id
         else:
-            name = self.experiment or experiment_name(spec)
+            name = options.experiment or experiment_name(spec)
             exp_id = ensure_experiment(client, name, self.output_dir, description=(
                 f"reslab training runs of the {name} family (`python cli.py run SPEC`): params are the resolved "
                 f"spec, metrics per epoch (step = epoch), the trained network is each run's model."))
         tags = {**spec_tags(spec, self.cost), **owner_tags(),
-                **{k: str(v) for k, v in (self.tags or {}).items()}}
-        run_id = create_run(client, exp_id, self.run_name or spec.name, parent_run_id=self.parent_run_id)
+                **{k: str(v) for k, v in (options.tags or {}).items()}}
+        run_id = create_run(client, exp_id, options.run_name or spec.name, parent_run_id=options.parent_run_id)
         try:
             log_params(client, run_id, spec_params(spec))
-            if self.params:                      # what the run stands for in a study (arm, seed)
-                log_params(client, run_id, self.params)
+            if options.params:                   # what the run stands for in a study (arm, seed)
+                log_params(client, run_id, options.params)
             set_tags(client, run_id, tags)
             client.log_text(run_id, to_yaml(spec), "spec.yaml")
             client.log_text(run_id, model_table(self.cost), "model.txt")
@@ -185,7 +197,7 @@ class RunRecord:
 
     def _reopen(self) -> int:
         """Mark a stopped run RUNNING again; returns the last epoch it recorded."""
-        client, run_id = self.client, self.resume
+        client, run_id = self.client, self.options.resume
         run = client.get_run(run_id)
         if run.info.status == "FINISHED":
             raise ReslabError(f"run {run_id} already finished; nothing to resume", file="--resume")
@@ -214,7 +226,8 @@ class RunRecord:
     def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
         ending = ending_for(exc)
         why = ending.why(exc) if exc is not None and ending.why_tag else None
-        final = self._final if ending is FINISHED and self._final is not None and self._final.exists() else None
+        final = self.checkpoint if ending is FINISHED and self._module is not None and self.checkpoint.exists() \
+            else None
         history = list(self._module.history) if self._module is not None else []
         test = dict((self._module.results.get("test") or {}) if self._module is not None else {})
         if self.client is not None:
@@ -274,7 +287,7 @@ class RunRecord:
                 spec_file.write_text(to_yaml(self.spec))
                 self._model = log_model(
                     self.client, self.run_id, network, example, step=step,
-                    files=[spec_file], register=self.register,
+                    files=[spec_file], register=self.options.register,
                     metadata={"reslab_spec": self.spec.name, "reslab_spec_hash": spec_hash(self.spec)})
         except Exception as e:  # noqa: BLE001  (the run's record stays whole without its model)
             self._model = {"error": f"{type(e).__name__}: {first_line(e)}"}

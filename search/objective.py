@@ -35,7 +35,7 @@ from arches import Complexity, Spec, build_model, complexity, spec_from_dict
 from arches.errors import ReslabError, SpecError, first_line
 from runs.checkpoint import resumable
 from runs.environment import environment
-from runs.fit import CHECKPOINT_ENV, Interrupted, Pruned, train, uses_cuda
+from runs.fit import CHECKPOINT_ENV, Interrupted, Pruned, RunOptions, train, uses_cuda
 from runs.mlflow_write import STATE_TAG, set_tags
 from runs.quiet import quiet
 from runs.record import RUN_ID_ENV
@@ -196,8 +196,8 @@ def follow_trial(trial: dict) -> int:
     try:
         with quiet():
             spec = spec_from_dict(trial["spec"])
-            train(spec, tracking_uri=trial["tracking_uri"], callbacks=callbacks, resume=resume,
-                  output_dir=trial["output_dir"], progress=False)
+            train(spec, RunOptions(tracking_uri=trial["tracking_uri"], callbacks=callbacks, resume=resume,
+                                   output_dir=trial["output_dir"], progress=False))
     except (Pruned, Interrupted, KeyboardInterrupt):
         return 0                               # rank 0 records how the trial ended
     except Exception as e:  # noqa: BLE001  (one line: rank 0, or the launcher, ends the trial)
@@ -241,10 +241,10 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
                                       keys.ATTEMPTS_TAG: f"{attempts}, {trial.number}"})
     try:
         with leading(ctx, trial, spec, prune) if ctx.devices > 1 else contextlib.nullcontext():
-            result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
-                           run_name=run_name, parent_run_id=ctx.parent_run_id, tags=tags, callbacks=callbacks,
-                           resume=resume, output_dir=ctx.output_dir, progress=ctx.progress, cost=complexity_,
-                           params=params)
+            result = train(spec, RunOptions(tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
+                                            run_name=run_name, parent_run_id=ctx.parent_run_id, tags=tags,
+                                            callbacks=callbacks, resume=resume, output_dir=ctx.output_dir,
+                                            progress=ctx.progress, cost=complexity_, params=params))
     except Pruned as e:
         run_id = _run_of(ctx, trial.number)
         if run_id:

@@ -180,7 +180,7 @@ def test_checkpoints_match_specs_by_the_network_they_build():
 def trained(tmp_path_factory) -> dict:
     """A tiny ResNet trained for one epoch on 2,000 Fashion-MNIST images, recorded in a fresh MLflow store."""
     from conftest import FASHION_MNIST
-    from runs.fit import train
+    from runs.fit import RunOptions, train
     from runs.mlflow_client import default_tracking_uri
 
     if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
@@ -189,8 +189,8 @@ def trained(tmp_path_factory) -> dict:
     uri = default_tracking_uri(out)
     recipe = ["data.train_subset=2000", "data.val_size=200", "train.epochs=1", "train.max_steps=null",
               "train.batch_size=64", "train.lr=0.05", "train.schedule.type=constant"]
-    result = train(load_spec(SPECS / "resnet20.yaml", TINY_FM + recipe), tracking_uri=uri, output_dir=out,
-                   progress=False)
+    result = train(load_spec(SPECS / "resnet20.yaml", TINY_FM + recipe),
+                   RunOptions(tracking_uri=uri, output_dir=out, progress=False))
     assert result.status == "FINISHED" and result.checkpoint
     return {"run_id": result.run_id, "uri": uri, "out": out, "checkpoint": result.checkpoint}
 

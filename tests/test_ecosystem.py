@@ -19,7 +19,7 @@ import runs
 from arches import load_spec, spec_hash
 from conftest import FASHION_MNIST, run_cli
 from runs.checkpoint import load_model
-from runs.fit import train
+from runs.fit import RunOptions, train
 from runs.mlflow_client import default_tracking_uri
 
 TINY = ["stages.0.depth=1", "stages.1.depth=1", "stages.2.depth=1", "stem.width=8", "stages.0.width=8",
@@ -43,7 +43,7 @@ def finished(tmp_path_factory):
     """One finished, registered 2-epoch run: (outputs folder, spec, RunResult)."""
     out = tmp_path_factory.mktemp("eco") / "outputs"
     spec = tiny_spec(FASHION_MNIST, "train.epochs=2")
-    result = train(spec, output_dir=out, progress=False, register="reslab-tiny")
+    result = train(spec, RunOptions(output_dir=out, progress=False, register="reslab-tiny"))
     assert result.status == "FINISHED", result.reason
     return out, spec, result
 
@@ -174,8 +174,8 @@ def test_a_resumed_run_keeps_one_set_of_dataset_inputs(fashion_mnist, tmp_path):
     out = tmp_path / "outputs"
     spec = tiny_spec(fashion_mnist, "train.epochs=2", "train.limit_batches=1")
     with pytest.raises(Interrupted) as info:
-        train(spec, output_dir=out, progress=False, callbacks=[StopAfterEpoch(1, KeyboardInterrupt())])
-    result = train(None, output_dir=out, progress=False, resume=info.value.run_id)
+        train(spec, RunOptions(output_dir=out, progress=False, callbacks=[StopAfterEpoch(1, KeyboardInterrupt())]))
+    result = train(None, RunOptions(output_dir=out, progress=False, resume=info.value.run_id))
     run = MlflowClient(default_tracking_uri(out)).get_run(result.run_id)
     assert result.status == "FINISHED" and len(run.inputs.dataset_inputs) == 3
     assert len(run.outputs.model_outputs) == 1
@@ -248,7 +248,7 @@ class BarProbe(pl.Callback):
 def test_the_progress_bar_counts_epochs_from_one_and_shows_train_loss(fashion_mnist, tmp_path):
     probe = BarProbe()
     spec = tiny_spec(fashion_mnist, "train.epochs=2", "train.limit_batches=2")
-    result = train(spec, output_dir=tmp_path / "outputs", progress=True, callbacks=[probe])
+    result = train(spec, RunOptions(output_dir=tmp_path / "outputs", progress=True, callbacks=[probe]))
     assert result.status == "FINISHED"
     assert [d.strip() for d, _ in probe.seen] == ["Epoch 1/2", "Epoch 1/2", "Epoch 2/2", "Epoch 2/2"]
     losses = [m["train loss"] for _, m in probe.seen]

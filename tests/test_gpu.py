@@ -15,7 +15,7 @@ from arches import load_spec
 from conftest import measure_test_accuracy
 from runs.batches import TensorBatches
 from runs.checkpoint import load_model
-from runs.fit import resolved_precision, train
+from runs.fit import RunOptions, resolved_precision, train
 from runs.module import NONFINITE_CHECK_EVERY_CUDA
 
 pytestmark = [pytest.mark.gpu,
@@ -52,7 +52,7 @@ def test_gpu_run_uses_bf16_and_channels_last(fashion_mnist, tmp_path):
     spec = small_spec(fashion_mnist, "data.train_subset=2048", "train.epochs=1", "data.test_subset=512")
     assert resolved_precision(spec) == "bf16-mixed"
     probe = ConvProbe()
-    result = train(spec, output_dir=tmp_path / "outputs", progress=False, callbacks=[probe])
+    result = train(spec, RunOptions(output_dir=tmp_path / "outputs", progress=False, callbacks=[probe]))
     assert result.status == "FINISHED" and result.metrics["test/acc"] > 0.3
     assert len(probe.seen) == 2048 // 128
     assert all(seen == (True, torch.bfloat16, True) for seen in probe.seen), probe.seen[:3]
@@ -84,7 +84,7 @@ def test_a_cuda_epoch_does_not_wait_on_the_gpu_every_step(fashion_mnist, tmp_pat
     spec = small_spec(fashion_mnist, "data.train_subset=5120", "train.epochs=1", "data.test_subset=512",
                       "data.augment=crop_flip")
     counter = SyncCounter()
-    result = train(spec, output_dir=tmp_path / "outputs", progress=False, callbacks=[counter])
+    result = train(spec, RunOptions(output_dir=tmp_path / "outputs", progress=False, callbacks=[counter]))
     assert result.status == "FINISHED" and len(counter.per_batch) == 40
     checks = {i for i in range(40) if (i + 1) % NONFINITE_CHECK_EVERY_CUDA == 0 or i == 39}
     syncing = {i for i, n in enumerate(counter.per_batch) if n and i > 0}
@@ -109,7 +109,7 @@ def test_batches_held_on_the_gpu_equal_the_cpu_batches(augment):
 def test_compiled_gpu_run_reloads_into_an_eager_model_that_scores_the_same(fashion_mnist, tmp_path):
     spec = small_spec(fashion_mnist, "data.train_subset=2048", "train.epochs=2", "data.test_subset=1000",
                       "train.compile=true")
-    result = train(spec, output_dir=tmp_path / "outputs", progress=False)
+    result = train(spec, RunOptions(output_dir=tmp_path / "outputs", progress=False))
     assert result.status == "FINISHED" and result.metrics["test/acc"] > 0.5
     _, model = load_model(result.checkpoint)
     correct, total = measure_test_accuracy(model.float(), spec)   # fp32 eager on the CPU vs bf16 compiled on GPU
@@ -151,6 +151,6 @@ def test_an_imagefolder_run_decodes_on_the_gpu(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((type(trainer.datamodule.decoder).__name__, batch[0].device.type, tuple(batch[0].shape)))
 
-    result = train(spec, output_dir=tmp_path / "outputs", progress=False, callbacks=[Batches()])
+    result = train(spec, RunOptions(output_dir=tmp_path / "outputs", progress=False, callbacks=[Batches()]))
     assert result.status == "FINISHED", result.reason
     assert seen and all(s == ("GpuDecoder", "cuda", (8, 3, 32, 32)) for s in seen), seen

@@ -220,10 +220,10 @@ def test_each_member_is_its_own_mlflow_run(outputs):
     spec, net = load_model(results[1].run_id, uri)          # the member's checkpoint artifact, as a solo run's
     assert spec.model_dump() == specs[1].model_dump()
     assert [f.path for f in client.list_artifacts(results[0].run_id)] >= ["checkpoints", "complexity.json"]
-    from runs.fit import train
+    from runs.fit import RunOptions, train
 
     with pytest.raises(ReslabError, match=r"trained in a pack; it resumes with its pack .*packs/\w+\.ckpt"):
-        train(None, resume=results[0].run_id, tracking_uri=uri, output_dir=outputs)
+        train(None, RunOptions(resume=results[0].run_id, tracking_uri=uri, output_dir=outputs))
 
 
 def complexity_of(spec):

@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_cli
-from runs.fit import train
+from runs.fit import RunOptions, train
 from runs.mlflow_client import client_for, default_tracking_uri
 from search.storage import open_storage
 
@@ -146,7 +146,7 @@ def test_a_full_disk_mid_run_fails_the_run_in_one_line_and_keeps_the_last_checkp
 
     with tmpfs(tmp_path / "disk", "8m") as disk:
         with pytest.raises(ReslabError) as info:
-            train(spec, output_dir=disk, progress=False, callbacks=[Fill()])
+            train(spec, RunOptions(output_dir=disk, progress=False, callbacks=[Fill()]))
         message = str(info.value)
         assert "\n" not in message and "No space left on device" in message
         checkpoint = next(disk.glob("checkpoints/*/last.ckpt"))

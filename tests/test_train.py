@@ -16,7 +16,7 @@ from arches import build_model, load_spec, spec_hash
 from conftest import measure_test_accuracy
 from arches.errors import ReslabError
 from runs.checkpoint import load_model
-from runs.fit import Interrupted, Pruned, train
+from runs.fit import Interrupted, Pruned, RunOptions, train
 from runs.mlflow_client import default_tracking_uri
 from runs.mlflow_write import experiment_name
 
@@ -48,7 +48,7 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 @pytest.mark.slow
 def test_small_resnet_learns_fashion_mnist_and_is_recorded(fashion_mnist, store):
     spec = small_spec(fashion_mnist, "data.train_subset=6000", "train.epochs=3")
-    result = train(spec, output_dir=store, progress=False, tags={"purpose": "test"})
+    result = train(spec, RunOptions(output_dir=store, progress=False, tags={"purpose": "test"}))
     assert result.status == "FINISHED" and result.reason is None
     assert result.metrics["test/acc"] > LEARN_THRESHOLD
     assert result.metrics["test/error"] == pytest.approx(1 - result.metrics["test/acc"])
@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_into_the_same_run(fashion_mnist, store):
     spec = small_spec(fashion_mnist, "data.train_subset=1024", "train.epochs=3", "train.batch_size=128",
                       "data.test_subset=256", "data.val_size=256")
     with pytest.raises(Interrupted) as info:
-        train(spec, output_dir=store, progress=False, callbacks=[InterruptInEpoch(epoch=2, batch=3)])
+        train(spec, RunOptions(output_dir=store, progress=False, callbacks=[InterruptInEpoch(epoch=2, batch=3)]))
     run_id = info.value.run_id
     assert info.value.signal_name == "SIGINT" and info.value.exit_code == 130
     assert info.value.checkpoint and Path(info.value.checkpoint).exists()
@@ -140,7 +140,7 @@ def test_interrupted_run_resumes_into_the_same_run(fashion_mnist, store):
     saved = torch.load(info.value.checkpoint, weights_only=True)
     assert saved["global_step"] == 8 + 4      # 8 steps of epoch 1, 4 of epoch 2: stopped at the batch's end
 
-    result = train(None, output_dir=store, progress=False, resume=run_id)
+    result = train(None, RunOptions(output_dir=store, progress=False, resume=run_id))
     assert result.run_id == run_id and result.status == "FINISHED"
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
@@ -149,7 +149,7 @@ def test_interrupted_run_resumes_into_the_same_run(fashion_mnist, store):
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert torch.load(result.checkpoint, weights_only=True)["global_step"] == 3 * 8
     with pytest.raises(ReslabError, match="already finished"):
-        train(None, output_dir=store, progress=False, resume=run_id)
+        train(None, RunOptions(output_dir=store, progress=False, resume=run_id))
 
 
 def model_weights(checkpoint: str) -> dict[str, torch.Tensor]:
@@ -162,11 +162,11 @@ def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(fashion_mnist, tmp_path, au
     never stopped (the loader starts the epoch at the batch after the last one trained)."""
     spec = small_spec(fashion_mnist, "data.train_subset=768", "train.epochs=2", "train.batch_size=128",
                       "data.test_subset=256", "data.val_size=256", f"data.augment={augment}")
-    whole = train(spec, output_dir=tmp_path / "whole", progress=False)
+    whole = train(spec, RunOptions(output_dir=tmp_path / "whole", progress=False))
     with pytest.raises(Interrupted) as info:
-        train(spec, output_dir=tmp_path / "stopped", progress=False, callbacks=[InterruptInEpoch(epoch=2, batch=2)])
+        train(spec, RunOptions(output_dir=tmp_path / "stopped", progress=False, callbacks=[InterruptInEpoch(epoch=2, batch=2)]))
     assert torch.load(info.value.checkpoint, weights_only=True)["global_step"] == 6 + 3
-    resumed = train(None, output_dir=tmp_path / "stopped", progress=False, resume=info.value.run_id)
+    resumed = train(None, RunOptions(output_dir=tmp_path / "stopped", progress=False, resume=info.value.run_id))
     a, b = model_weights(whole.checkpoint), model_weights(resumed.checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
         max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -179,11 +179,11 @@ def test_resume_skips_epochs_already_recorded(fashion_mnist, store):
     spec = small_spec(fashion_mnist, "data.train_subset=512", "train.epochs=2", "data.test_subset=256",
                       "data.val_size=256")
     with pytest.raises(Interrupted) as info:
-        train(spec, output_dir=store, progress=False, callbacks=[StopAfterEpoch(1, KeyboardInterrupt())])
+        train(spec, RunOptions(output_dir=store, progress=False, callbacks=[StopAfterEpoch(1, KeyboardInterrupt())]))
     run_id = info.value.run_id
     client = MlflowClient(default_tracking_uri(store))
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [1]
-    result = train(spec, output_dir=store, progress=False, resume=run_id)
+    result = train(spec, RunOptions(output_dir=store, progress=False, resume=run_id))
     assert result.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [1, 2]
 
@@ -191,7 +191,7 @@ def test_resume_skips_epochs_already_recorded(fashion_mnist, store):
 def test_non_finite_loss_fails_the_run(fashion_mnist, store):
     spec = small_spec(fashion_mnist, "data.train_subset=512", "train.epochs=2", "train.lr=1.0e+6",
                       "train.schedule.type=constant", "data.test_subset=256", "data.val_size=256")
-    result = train(spec, output_dir=store, progress=False)
+    result = train(spec, RunOptions(output_dir=store, progress=False))
     assert result.status == "FAILED"
     assert "loss became" in result.reason and "step" in result.reason
     run = MlflowClient(default_tracking_uri(store)).get_run(result.run_id)
@@ -202,7 +202,7 @@ def test_pruned_run_is_killed_and_reraised(fashion_mnist, store):
     spec = small_spec(fashion_mnist, "data.train_subset=512", "train.epochs=3", "data.test_subset=256",
                       "data.val_size=256")
     with pytest.raises(Pruned):
-        train(spec, output_dir=store, progress=False, experiment="pruning", callbacks=[StopAfterEpoch(1, Pruned())])
+        train(spec, RunOptions(output_dir=store, progress=False, experiment="pruning", callbacks=[StopAfterEpoch(1, Pruned())]))
     client = MlflowClient(default_tracking_uri(store))
     (run,) = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["state"] == "PRUNED"
@@ -214,8 +214,8 @@ def test_nested_child_run(fashion_mnist, store):
     parent = client.create_run(client.create_experiment("parents")).info.run_id
     spec = small_spec(fashion_mnist, "data.train_subset=256", "train.epochs=1", "data.test_subset=128",
                       "data.val_size=128", "train.limit_batches=2")
-    result = train(spec, output_dir=store, progress=False, experiment="parents", parent_run_id=parent,
-                   run_name="child")
+    result = train(spec, RunOptions(output_dir=store, progress=False, experiment="parents", parent_run_id=parent,
+                                    run_name="child"))
     run = client.get_run(result.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.run_name == "child"
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1]
@@ -226,7 +226,7 @@ def test_a_run_given_only_max_steps(fashion_mnist, store):
     Lightning had not sized an epoch yet)."""
     spec = small_spec(fashion_mnist, "data.train_subset=256", "train.batch_size=64", "train.epochs=null",
                       "train.max_steps=6", "data.test_subset=128", "data.val_size=128")
-    result = train(spec, output_dir=store, progress=False)
+    result = train(spec, RunOptions(output_dir=store, progress=False))
     assert result.status == "FINISHED", result.reason
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert "test/acc" in result.metrics
@@ -238,7 +238,7 @@ def test_compiled_channels_last_run_on_cpu(fashion_mnist, store):
     tests, the checkpoint keeps the plain module's keys, and the eager model reloaded from it scores the same."""
     spec = small_spec(fashion_mnist, "data.train_subset=500", "train.epochs=1", "data.test_subset=300",
                       "data.val_size=100", "train.compile=true", "train.channels_last=true", "data.augment=none")
-    result = train(spec, output_dir=store, progress=False)
+    result = train(spec, RunOptions(output_dir=store, progress=False))
     assert result.status == "FINISHED", result.reason
     keys = set(torch.load(result.checkpoint, weights_only=True, map_location="cpu")["state_dict"])
     assert keys == {f"model.{k}" for k in build_model(spec).state_dict()} | {k for k in keys if "metric" in k}
