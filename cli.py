@@ -44,11 +44,63 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+# ---- arguments several commands take: each defined once, its help saying what it is for in the command ---------
+def add_overrides(p: argparse.ArgumentParser, what: str) -> None:
+    """--set KEY=VALUE ... (args.overrides)."""
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=what)
+
+
+def add_output_dir(p: argparse.ArgumentParser, what: str) -> None:
+    """--output-dir: the folder of the default stores (and of what the command writes)."""
+    p.add_argument("--output-dir", default="outputs", help=f"{what} (default: outputs)")
+
+
+def add_tracking_uri(p: argparse.ArgumentParser, what: str = "MLflow store") -> None:
+    """--tracking-uri: the MLflow store (its default: $MLFLOW_TRACKING_URI, else the one in --output-dir)."""
+    p.add_argument("--tracking-uri", help=f"{what} (default: ${ENVIRONMENT_DEFAULTS['--tracking-uri']}, else "
+                                          f"sqlite:///OUTPUT_DIR/mlflow.db)")
+
+
+def add_storage(p: argparse.ArgumentParser, what: str = "Optuna storage URL") -> None:
+    """--storage: the Optuna storage (its default: $RESLAB_STORAGE, else the one in --output-dir)."""
+    p.add_argument("--storage", help=f"{what} (default: ${ENVIRONMENT_DEFAULTS['--storage']}, else "
+                                     f"sqlite:///OUTPUT_DIR/optuna.db)")
+
+
 def add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("spec", nargs="+" if many else None, help="spec YAML file" + ("s" if many else "") +
                    " (or the name of a shipped one: resnet20)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override spec values by dotted path, values parsed as YAML (stages.2.depth=8)")
+    add_overrides(p, "override spec values by dotted path, values parsed as YAML (stages.2.depth=8)")
+
+
+def add_study_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `ablate` and `search`."""
+    p.add_argument("file", help="ablation or search YAML file, or a shipped one's name (shortcuts)")
+    add_overrides(p, "override the base spec for every trial (applied after the file's `set:`), or a key of the "
+                     "file itself: search.trials=4, ablation.seeds=5, devices_per_trial=2, study.name=x")
+    p.add_argument("--workers", type=int, help="worker processes, each running one trial at a time (default: 1; "
+                                               "with GPUs and --devices-per-trial K: GPUs / K)")
+    p.add_argument("--devices-per-trial", type=int, metavar="K",
+                   help="devices of every trial: K GPUs (or K CPU processes) trained with Lightning DDP; each worker "
+                        "gets its own K GPUs (default: the file's devices_per_trial, else 1; fixed when the study "
+                        "is made)")
+    add_storage(p, "Optuna storage URL shared by workers and machines, e.g. postgresql://user@host/db")
+    add_tracking_uri(p, "MLflow store: a tracking server http://host:port for several machines")
+    add_output_dir(p, "local stores, checkpoints")
+    p.add_argument("--study", help="study name (default: the file's `name:` or file name)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
+                   help="trial heartbeat; a trial silent for 3x this long is retried (default: 10)")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.add_argument("--launcher", choices=("slurm", "local"),
+                   help="submit the workers as one submitit job array (SLURM, or submitit's local executor) and "
+                        "return; settings: the file's `launcher:` section, --launcher-set, --workers")
+    p.add_argument("--launcher-set", dest="launcher_settings", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override a `launcher:` key (partition=gpu timeout_min=240 "
+                                             "gpus_per_node=1 ...), values parsed as YAML")
+    p.add_argument("--wait", action="store_true", help="with --launcher: follow the jobs with a progress bar until "
+                                                       "they end, then print the report (local always waits)")
+    p.add_argument("--dry-run", action="store_true", help="with --launcher slurm: print the sbatch script; submit "
+                                                          "and record nothing")
 
 
 def study_kind(path: str):
@@ -261,9 +313,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("show", help="print a spec's stages, output shapes, params and MACs")
     add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print the complexity as JSON")
-    p.add_argument("--output-dir", default="outputs", help="where the MLflow store of an init_from run id lives")
-    p.add_argument("--tracking-uri", help="MLflow store of an init_from run id (default: $MLFLOW_TRACKING_URI, "
-                                          "else sqlite:///OUTPUT_DIR/mlflow.db)")
+    add_output_dir(p, "where the MLflow store of an init_from run id lives")
+    add_tracking_uri(p, "MLflow store of an init_from run id")
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("validate", help="check spec, ablation and search files; exit 0 when all are valid")
@@ -307,19 +358,16 @@ def build_parser() -> Parser:
     p.add_argument("--run", metavar="RUN_ID", help="log as nested child runs of this MLflow run (e.g. the "
                                                     "training run); default: own runs in --experiment")
     p.add_argument("--experiment", default="diagnostics", help="MLflow experiment (without --run)")
-    p.add_argument("--output-dir", default="outputs", help="where the default MLflow store lives")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<output-dir>/mlflow.db)")
+    add_output_dir(p, "where the default MLflow store lives")
+    add_tracking_uri(p, "MLflow tracking URI")
     p.set_defaults(handler=cmd_diagnose)
 
     p = sub.add_parser("run", help="train one spec with Lightning and record it as one MLflow run")
     p.add_argument("spec", nargs="?", help="spec YAML file, or a shipped spec's name (optional with --resume)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override spec values by dotted path, values parsed as YAML (train.epochs=3)")
+    add_overrides(p, "override spec values by dotted path, values parsed as YAML (train.epochs=3)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (same MLflow run)")
-    p.add_argument("--output-dir", default="outputs", help="MLflow store, artifacts and checkpoints (outputs)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<output-dir>/mlflow.db)")
+    add_output_dir(p, "MLflow store, artifacts and checkpoints")
+    add_tracking_uri(p, "MLflow tracking URI")
     p.add_argument("--experiment", help="MLflow experiment (default: spec.family, else the name without depth)")
     p.add_argument("--run-name", help="MLflow run name (default: the spec's name)")
     p.add_argument("--devices", type=int, help="processes/GPUs per node (sets train.devices; >1 = DDP)")
@@ -336,47 +384,40 @@ def build_parser() -> Parser:
     p.add_argument("--format", required=True, metavar="|".join(("torch.export", "onnx", "torchscript")),
                    help="torch.export (.pt2), onnx (needs the onnx package) or torchscript (.ts.pt)")
     p.add_argument("--output", help="file to write (default: OUTPUT_DIR/exports/<spec>-<run or checkpoint>.<ext>)")
-    p.add_argument("--output-dir", default="outputs", help="where the default store and exports live (outputs)")
-    p.add_argument("--tracking-uri", help="MLflow store of the run (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///OUTPUT_DIR/mlflow.db)")
+    add_output_dir(p, "where the default store and exports live")
+    add_tracking_uri(p, "MLflow store of the run")
     p.set_defaults(handler=cmd_export)
-
-    from search import add_study_arguments
 
     p = sub.add_parser("ablate", help="train an ablation (arms x paired seeds) with N workers; report n, mean ± "
                                       "std, Δ vs baseline with 95%% CI and paired t-test")
-    add_study_arguments(p)
+    add_study_args(p)
     p.set_defaults(handler=cmd_ablate)
 
     p = sub.add_parser("search", help="run an Optuna search (TPE, random, grid, NSGA-II; pruning) over a spec")
-    add_study_arguments(p)
+    add_study_args(p)
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("report", help="per-arm statistics (or a search's trials) of a stored study")
     p.add_argument("study", help="study name, or its ablation/search file")
-    p.add_argument("--storage", help="Optuna storage URL (default: $RESLAB_STORAGE, else "
-                                     "sqlite:///OUTPUT_DIR/optuna.db)")
-    p.add_argument("--tracking-uri", help="MLflow store of the study's runs, named in the report (default: "
-                                          "$MLFLOW_TRACKING_URI, else sqlite:///OUTPUT_DIR/mlflow.db)")
-    p.add_argument("--output-dir", default="outputs", help="where the default stores live (outputs)")
+    add_storage(p)
+    add_tracking_uri(p, "MLflow store of the study's runs, named in the report")
+    add_output_dir(p, "where the default stores live")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("status", help="a study's cells done / running / waiting / failed, the job and host of "
                                       "each, the SLURM states of its job arrays (while it runs)")
     p.add_argument("study", help="study name, or its ablation/search file")
-    p.add_argument("--storage", help="Optuna storage URL (default: $RESLAB_STORAGE, else "
-                                     "sqlite:///OUTPUT_DIR/optuna.db)")
-    p.add_argument("--output-dir", default="outputs", help="where the default storage lives (outputs)")
+    add_storage(p)
+    add_output_dir(p, "where the default storage lives")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the local store")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1, this machine only)")
-    p.add_argument("--output-dir", default="outputs", help="where the default store lives (outputs)")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///OUTPUT_DIR/mlflow.db)")
+    add_output_dir(p, "where the default store lives")
+    add_tracking_uri(p)
     p.set_defaults(handler=cmd_ui)
 
     # (each command: one parser block here, one cmd_ function above)

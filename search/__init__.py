@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["AblationPlan", "SearchPlan", "StudyDesign", "StudyOptions", "add_study_arguments", "launch_from_args",
-           "load_study_file", "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of",
+__all__ = ["AblationPlan", "SearchPlan", "StudyDesign", "StudyOptions", "launch_from_args", "load_study_file",
+           "options_from_args", "print_report", "report_study", "run_study", "serve_ui", "study_name_of",
            "study_report", "study_run"]
 
 
@@ -31,40 +31,6 @@ def __getattr__(name: str):  # heavy modules (torch, optuna, mlflow) load on fir
         from .ui import serve_ui
         return serve_ui
     raise AttributeError(name)
-
-
-def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by `ablate` and `search`."""
-    p.add_argument("file", help="ablation or search YAML file, or a shipped one's name (shortcuts)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override the base spec for every trial (applied after the file's `set:`), or a key of "
-                        "the file itself: search.trials=4, ablation.seeds=5, devices_per_trial=2, study.name=x")
-    p.add_argument("--workers", type=int, help="worker processes, each running one trial at a time (default: 1; "
-                                               "with GPUs and --devices-per-trial K: GPUs / K)")
-    p.add_argument("--devices-per-trial", type=int, metavar="K",
-                   help="devices of every trial: K GPUs (or K CPU processes) trained with Lightning DDP; each worker "
-                        "gets its own K GPUs (default: the file's devices_per_trial, else 1; fixed when the study "
-                        "is made)")
-    p.add_argument("--storage", help="Optuna storage URL shared by workers and machines (default: $RESLAB_STORAGE, "
-                                     "else sqlite:///OUTPUT_DIR/optuna.db; e.g. postgresql://user@host/db)")
-    p.add_argument("--tracking-uri", help="MLflow store: a tracking server http://host:port for several machines "
-                                          "(default: $MLFLOW_TRACKING_URI, else sqlite:///OUTPUT_DIR/mlflow.db)")
-    p.add_argument("--output-dir", default="outputs", help="local stores, checkpoints (default: outputs)")
-    p.add_argument("--study", help="study name (default: the file's `name:` or file name)")
-    p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
-                   help="trial heartbeat; a trial silent for 3x this long is retried (default: 10)")
-    p.add_argument("--json", action="store_true", help="print the final report as JSON")
-    p.add_argument("--launcher", choices=("slurm", "local"),
-                   help="submit the workers as one submitit job array (SLURM, or submitit's local executor) and "
-                        "return; settings: the file's `launcher:` section, --launcher-set, --workers")
-    p.add_argument("--launcher-set", dest="launcher_settings", nargs="+", action="extend", default=[],
-                   metavar="KEY=VALUE", help="override a `launcher:` key (partition=gpu timeout_min=240 "
-                                             "gpus_per_node=1 ...), values parsed as YAML")
-    p.add_argument("--wait", action="store_true", help="with --launcher: follow the jobs with a progress bar until "
-                                                       "they end, then print the report (local always waits)")
-    p.add_argument("--dry-run", action="store_true", help="with --launcher slurm: print the sbatch script; submit "
-                                                          "and record nothing")
-
 
 
 def launch_from_args(args: argparse.Namespace):
