@@ -189,9 +189,9 @@ def parent_experiment(tracking_uri: str, run_id: str, output_dir: str = "outputs
                           path="--run") from None
 
 
-def record(kind: str, params: dict, metrics: Sequence[tuple[str, float, int]], payload: dict,
-           plots, *, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, parent_run_id: Optional[str] = None,
-           output_dir: str = "outputs", run_name: Optional[str] = None) -> str:
+def log_diagnostic(kind: str, params: dict, metrics: Sequence[tuple[str, float, int]], payload: dict, plots, *,
+                   tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, parent_run_id: Optional[str] = None,
+                   output_dir: str = "outputs", run_name: Optional[str] = None) -> str:
     """Log one diagnostic as its own MLflow run (nested under parent_run_id if given); returns the run id.
 
     `plots(folder) -> [paths]` draws the PNGs; `payload` is stored as <kind>.json."""

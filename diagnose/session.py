@@ -11,7 +11,7 @@ from arches.errors import ReslabError
 from runs.mlflow_client import default_tracking_uri
 
 from .record import DEFAULT_EXPERIMENT, gradient_metrics, gradient_table, lesion_metrics, lesion_table, \
-    parent_experiment, plot_gradients, plot_lesions, record
+    parent_experiment, plot_gradients, plot_lesions, log_diagnostic
 from .suite import GradientOptions, check_lesion_request, measure_gradients, measure_lesions, resolve_targets
 from .landscape_record import landscape_metrics, landscape_table, plot_landscapes
 from .landscape_suite import LandscapeOptions, check_landscape_request, measure_landscapes
@@ -65,7 +65,7 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
         rows = measure_gradients(targets, opts, progress=lambda r: console.print(
             f"gradients {r.label} seed {r.seed}: correlation {r.correlation:.3f}"))
         gradient_table(rows, console)
-        run_ids["gradients"] = record(
+        run_ids["gradients"] = log_diagnostic(
             "gradients", {**common, **{k: v for k, v in asdict(opts).items()}},
             gradient_metrics(rows), {"options": asdict(opts), "rows": [r.to_dict() for r in rows]},
             lambda folder: plot_gradients(rows, folder), run_name="gradients: " + ", ".join(t.label for t in targets),
@@ -74,7 +74,7 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
         results = measure_lesions(targets, req.blocks, req.limit, req.gradient_options.device,
                                   progress=lambda r: console.print(f"lesion {r.label}: intact {r.intact:.3f}"))
         lesion_table(results, console)
-        run_ids["lesion"] = record(
+        run_ids["lesion"] = log_diagnostic(
             "lesion", {**common, "blocks": ",".join(req.blocks or []) or "all", "limit": req.limit or "all"},
             lesion_metrics(results), {"results": [r.to_dict() for r in results]},
             lambda folder: plot_lesions(results, folder),
@@ -85,7 +85,7 @@ def run_diagnostics(req: DiagnoseRequest, console: Optional[Console] = None) -> 
             f"landscape {r.label}: loss {r.loss:.4f}, curvature {sum(r.curvatures) / len(r.curvatures):.3g} "
             f"({r.seconds:.1f} s)"))
         landscape_table(results, console)
-        run_ids["landscape"] = record(
+        run_ids["landscape"] = log_diagnostic(
             "landscape", {**common, **opts.to_dict()}, landscape_metrics(results),
             {"options": opts.to_dict(), "results": [r.to_dict() for r in results]},
             lambda folder: plot_landscapes(results, folder),

@@ -288,7 +288,7 @@ def _run_of(ctx: TrialContext, number: int) -> Optional[str]:
     return runs[-1].info.run_id if runs else None
 
 
-def record(trial: optuna.Trial, outcome: Outcome) -> None:
+def record_outcome(trial: optuna.Trial, outcome: Outcome) -> None:
     """Store the outcome on the trial (its TrialRecord) before it is told to Optuna."""
     TrialRecord.put(trial, outcome=outcome.outcome, reason=outcome.reason or None, run_id=outcome.run_id,
                     metrics={k: v for k, v in outcome.metrics.items() if _finite(v)} if outcome.metrics else None)

@@ -31,7 +31,7 @@ from . import keys, plots, recording, views
 from .design_spaces import design_space_note, design_space_rows, design_space_summary, plot_design_spaces
 from .seeding import seeding_lines, summary_decision
 from .space import study_name_of
-from .stats import ArmStats, Comparison, compare_arms, describe
+from .stats import ArmStats, Comparison, compare_arms, count_mean_std
 from .storage import default_storage, open_storage, shown, with_driver
 from .trials import TrialRecord
 
@@ -458,7 +458,8 @@ def _pivot(meta: dict, values: dict[str, dict[int, float]], metric: str, rows: s
     for a in meta["arms"]:
         r, c = a["labels"][rows], a["labels"][columns]
         cells.setdefault(r, {}).setdefault(c, []).extend(values.get(a["name"], {}).values())
-    table = {r: {c: PivotCell(*map(_num, describe(v))) for c, v in cols.items()} for r, cols in cells.items()}
+    table = {r: {c: PivotCell(*map(_num, count_mean_std(v))) for c, v in cols.items()}
+             for r, cols in cells.items()}
     return Pivot(metric, rows, columns, meta["axes"][rows], meta["axes"][columns], table)
 
 

@@ -46,7 +46,7 @@ class ArmStats:
         return d
 
 
-def describe(values: Sequence[float]) -> tuple[int, float, float]:
+def count_mean_std(values: Sequence[float]) -> tuple[int, float, float]:
     """n, mean, sample std (NaN when undefined)."""
     a = np.asarray(values, dtype=float)
     n = len(a)
@@ -57,14 +57,14 @@ def describe(values: Sequence[float]) -> tuple[int, float, float]:
 
 @dataclass(frozen=True)
 class Summary:
-    """n, mean and sample std of one quantity over seeds (describe's figures); std is None when n < 2."""
+    """n, mean and sample std of one quantity over seeds (count_mean_std's figures); std is None when n < 2."""
     n: int
     mean: float
     std: Optional[float]
 
     @classmethod
     def of(cls, values: Sequence[float]) -> "Summary":
-        n, mean, std = describe(values)
+        n, mean, std = count_mean_std(values)
         return cls(n, mean, std if n >= 2 else None)
 
     def __str__(self) -> str:
@@ -113,7 +113,7 @@ def compare_arms(values: dict[str, dict[int, float]], references: dict[str, str]
     out = []
     for arm, ref in references.items():
         mine = values.get(arm, {})
-        n, mean, std = describe(list(mine.values()))
+        n, mean, std = count_mean_std(list(mine.values()))
         comparison = None if arm == ref else compare(mine, values.get(ref, {}))
         out.append(ArmStats(arm, ref, n, mean, std, dict(mine), comparison))
     comparisons = [a.comparison for a in out if a.comparison is not None]

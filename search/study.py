@@ -42,7 +42,7 @@ from runs.quiet import quiet
 
 from . import capacity, keys, liveness, recording, views
 from .launch import placement
-from .objective import TrialContext, record, run_trial
+from .objective import TrialContext, record_outcome, run_trial
 from .report import StudyReport, finalize
 from .kinds import STUDY_KINDS
 from .plans import StudyDesign
@@ -469,7 +469,7 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, outcome: Any, client:
     """Record the outcome on the trial and tell Optuna. False when the trial had meanwhile been failed as stale
     (its heartbeats stopped reaching the storage): Optuna retries it, so its MLflow run is ended FAILED too."""
     try:
-        record(trial, outcome)
+        record_outcome(trial, outcome)
         capacity.record_peak(trial, devices)          # what a worker needs (search.capacity)
         study.tell(trial, outcome.values if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
         return True

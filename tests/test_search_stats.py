@@ -13,16 +13,16 @@ from scipy import stats
 from arches import complexity
 from search.matching import match_arms, match_multiplier
 from search.space import load_study_file
-from search.stats import compare, compare_arms, describe
+from search.stats import compare, compare_arms, count_mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_describe_is_sample_mean_and_std():
-    n, mean, std = describe([0.1, 0.2, 0.4])
+    n, mean, std = count_mean_std([0.1, 0.2, 0.4])
     assert n == 3 and mean == pytest.approx(0.7 / 3)
     assert std == pytest.approx(math.sqrt(((0.1 - mean) ** 2 + (0.2 - mean) ** 2 + (0.4 - mean) ** 2) / 2))
-    assert math.isnan(describe([0.3])[2])
+    assert math.isnan(count_mean_std([0.3])[2])
 
 
 def test_paired_by_seed():

@@ -188,7 +188,7 @@ def test_diverged_arm_fails_with_reason_and_study_goes_on(tmp_path, fashion_mnis
 def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, fashion_mnist):
     from runs.mlflow_client import client_for
     from runs.mlflow_write import ensure_experiment
-    from search.objective import TrialContext, record, run_trial
+    from search.objective import TrialContext, record_outcome, run_trial
     from search.space import load_study_file
 
     path = study_file(tmp_path, """
@@ -208,7 +208,7 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, fashion_mnist):
     trial = study.ask()
     outcome = run_trial(TrialContext(plan, uri, "search/prune", exp, parent, out, progress=False, client=client),
                         trial)
-    record(trial, outcome)
+    record_outcome(trial, outcome)
     study.tell(trial, state=outcome.state)
     assert study.trials[0].state == optuna.trial.TrialState.PRUNED
     assert list(study.trials[0].intermediate_values) == [1]            # reported after epoch 1, then pruned
