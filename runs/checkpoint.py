@@ -21,11 +21,11 @@ from arches import Network, Spec, build_model, spec_from_dict
 from arches.errors import ReslabError, first_line
 from arches.init import refusal
 
+from .mlflow_client import client_for
 from .stores import sqlite_path
 
 if TYPE_CHECKING:
     from .record import RunRecord
-from .mlflow_client import client_for
 
 LAST = "last.ckpt"
 ARTIFACT = "checkpoints/last.ckpt"  # where a finished run keeps its final checkpoint among its artifacts
