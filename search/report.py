@@ -237,7 +237,7 @@ def summarize(study: optuna.Study) -> StudyReport:
     return REPORTS[meta["kind"]].of(study, meta, trials, head)
 
 
-def environment(rec: TrialRecord) -> str:
+def threads_and_device(rec: TrialRecord) -> str:
     """Where a trial ran: '2 threads, cpu' (arithmetic differs between thread counts and devices)."""
     threads = "? threads" if rec.threads is None else f"{rec.threads} thread{'s' if rec.threads != 1 else ''}"
     return f"{threads}, {rec.device or '?'}"
@@ -287,7 +287,7 @@ class AblationReport(StudyReport):
                     row.duplicates += 1
                     continue
                 row.complete.append(seed)
-                where = environment(rec)
+                where = threads_and_device(rec)
                 if where not in row.environments:
                     row.environments.append(where)
                 for m in values:
