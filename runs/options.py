@@ -16,10 +16,9 @@ from arches import Complexity
 @dataclass(frozen=True)
 class RunOptions:
     """How `train` runs a spec and records it (every field has a default)."""
-    # where the run is recorded
+    # the MLflow record: where, under which names, with what
     tracking_uri: Optional[str] = None            # MLflow store; None: sqlite:///<output_dir>/mlflow.db
     output_dir: Union[str, Path] = "outputs"      # the default store, artifacts and checkpoints/<run id>/
-    # its names in MLflow
     experiment: Optional[str] = None              # None: spec.family, else the name without its depth (a child
     # ^ run: its parent's experiment)
     run_name: Optional[str] = None                # None: the spec's name
@@ -28,7 +27,7 @@ class RunOptions:
     params: Optional[dict] = None                 # more params (what the run stands for in a study: arm, seed)
     register: Optional[str] = None                # register the run's MLflow model under this name (a new version)
     resume: Optional[str] = None                  # continue this run (its id) from its last checkpoint
-    # how it trains
+    # the training
     callbacks: Sequence[pl.Callback] = ()         # more Lightning callbacks (a study's pruner), after the progress
     progress: Optional[bool] = None               # rich bar (True), one line per epoch (False); None: a bar when
     # ^ stdout is a terminal
