@@ -29,6 +29,10 @@ from .record import RunRecord, RunResult
 PACK_TAGS = ("reslab.pack", "reslab.pack_size", "reslab.pack_index")
 
 
+def new_pack_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 class MemberView:
     """What RunRecord follows for a member (a ReslabModule's history, results and network)."""
 
@@ -66,13 +70,16 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
                parent_run_id: Optional[str] = None, tags: Optional[Sequence[dict]] = None,
                params: Optional[Sequence[dict]] = None, run_names: Optional[Sequence[str]] = None,
                prune: Optional[Callable[[Member, dict], Optional[str]]] = None,
-               device: Optional[torch.device] = None) -> list[RunResult]:
+               device: Optional[torch.device] = None, pack_id: Optional[str] = None,
+               on_result: Optional[Callable[[int, RunResult], None]] = None) -> list[RunResult]:
     """Train `specs` as one pack, each recorded as its own MLflow run (see the module docstring); `tags`, `params`
-    and `run_names`: per member, as runs.fit.train takes them. Returns each member's RunResult, in order."""
+    and `run_names`: per member, as runs.fit.train takes them; `pack_id`: the pack's id (default: a new one);
+    `on_result(index, result)`: as each member's run ends (at the epoch it leaves). Returns each member's RunResult,
+    in order."""
     output_dir = Path(output_dir).expanduser().resolve()
     uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
     pack = Pack(specs, device=device)
-    pack_id = uuid.uuid4().hex[:12]
+    pack_id = pack_id or new_pack_id()
     records, views, finals = [], [], []
     for i, m in enumerate(pack.members):
         extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_size": len(specs),
@@ -105,6 +112,8 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
             view.left()
             exc = _ending(m)
             record.__exit__(type(exc) if exc else None, exc, None)
+            if on_result is not None:
+                on_result(m.index, record.result)
 
     try:
         pack.fit(prune=prune, on_epoch=on_epoch)

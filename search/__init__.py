@@ -45,6 +45,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
                    help="devices of every trial: K GPUs (or K CPU processes) trained with Lightning DDP; each worker "
                         "gets its own K GPUs (default: the file's devices_per_trial, else 1; fixed when the study "
                         "is made)")
+    p.add_argument("--pack", metavar="auto|off|N",
+                   help="train up to N waiting trials of the same network as one vmapped model (runs.pack), each "
+                        "still its own trial and run; auto: off on a CPU, sized by a memory probe on a GPU "
+                        "(default: the file's pack:, else auto)")
     p.add_argument("--storage", help="Optuna storage URL shared by workers and machines (default: $RESLAB_STORAGE, "
                                      "else sqlite:///OUTPUT_DIR/optuna.db; e.g. postgresql://user@host/db)")
     p.add_argument("--tracking-uri", help="MLflow store: a tracking server http://host:port for several machines "
@@ -91,4 +95,5 @@ def options_from_args(args: argparse.Namespace, kind: str):
 
     return StudyOptions(file=args.file, overrides=list(args.overrides), study=args.study, storage=args.storage,
                         tracking_uri=args.tracking_uri, output_dir=args.output_dir, workers=args.workers,
-                        devices_per_trial=args.devices_per_trial, heartbeat=args.heartbeat, kind=kind)
+                        devices_per_trial=args.devices_per_trial, heartbeat=args.heartbeat, kind=kind,
+                        pack=args.pack)
