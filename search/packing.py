@@ -57,7 +57,7 @@ def pack_value(value: Any) -> PackValue:
     except ValueError:
         n = None
     if n is None or isinstance(value, float) or n < 1:
-        raise ValueError(f"expected auto, off or a number of trials per pack >= 1 (got {value!r})")
+        raise ValueError("expected auto, off or a number of trials per pack >= 1")
     return n
 
 
@@ -75,7 +75,7 @@ def requested(plan: StudyDesign, opts: Any) -> tuple[PackValue, bool, ReslabErro
     try:
         return pack_value(raw), True, where
     except ValueError as e:
-        where.message = str(e)
+        where.message = f"{e} (got {raw!r})"
         raise where from None
 
 

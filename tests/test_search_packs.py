@@ -1,0 +1,162 @@
+"""Packs in studies (search/packing.py): an ablation packed equals it solo, bad --pack values are one line, a search
+with a dimension that changes the network trains alone, a worker killed mid-pack loses no cell."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cli import main
+from conftest import ROOT
+
+# A calm lr on one thread: fp32 pack members equal their solo runs to ~2e-7 relative (tests/test_pack.py)
+TINY = f"""\
+base: {ROOT / 'specs' / 'resnet20.yaml'}
+set:
+  data: {{name: fashion-mnist, train_subset: 256, val_size: 64, test_subset: 128, augment: none}}
+  input: {{channels: 1, size: 28}}
+  stem.width: 8
+  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}]
+  train: {{epochs: 1, max_steps: null, batch_size: 64, lr: 0.02, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
+"""
+ABLATION = """
+ablation:
+  arms: {A: {train.lr: 0.02}, B: {train.lr: 0.01}}
+  baseline: A
+  seeds: 2
+  metric: [test/loss, test/error]
+"""
+TOLERANCE = 1e-5          # relative, per cell's test/loss and per arm's mean (measured: ~1e-6)
+STD_TOLERANCE = 1e-5      # absolute, per arm's std (of two seeds: their difference, which the cells' rounding moves)
+
+
+def study_file(tmp_path: Path, body: str, name: str = "packs") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY + textwrap.dedent(body))
+    return path
+
+
+def trials_of(out: Path, name: str = "packs") -> list:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}").get_trials()
+
+
+def test_an_ablation_packed_equals_it_solo(tmp_path, fashion_mnist, capsys):
+    path = study_file(tmp_path, ABLATION)
+    reports = {}
+    for how in ("8", "off"):
+        out = tmp_path / how
+        assert main(["ablate", str(path), "--pack", how, "--output-dir", str(out), "--json"]) == 0
+        captured = capsys.readouterr()
+        reports[how] = json.loads(captured.out[captured.out.index("{\n"):])
+        if how == "8":       # more than the cells: packs of what there is, said once
+            assert "note: --pack 8: the study has 4 trials; packs of at most 4" in captured.err
+            assert captured.out.count("started in pack ") == 4
+    packed, solo = reports["8"], reports["off"]
+    shown: list[str] = []
+    assert len(packed["packs"]) == 1 and packed["packs"][0]["size"] == 4 and solo["packs"] == []
+    assert sorted(packed["packs"][0]["cells"]) == ["A seed 0", "A seed 1", "B seed 0", "B seed 1"]
+    for metric in ("test/loss", "test/error"):
+        for ours, theirs in zip(packed["results"][metric], solo["results"][metric]):
+            assert ours["arm"] == theirs["arm"] and ours["n"] == theirs["n"] == 2
+            assert ours["mean"] == pytest.approx(theirs["mean"], rel=TOLERANCE), metric
+            assert ours["std"] == pytest.approx(theirs["std"], abs=STD_TOLERANCE), metric
+            shown.append(f"{metric} {ours['arm']}: mean {ours['mean']:.6g} vs {theirs['mean']:.6g}, std {ours['std']:.4g} "
+                  f"vs {theirs['std']:.4g}")
+    packed_trials = trials_of(tmp_path / "8")
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in packed_trials) and len(packed_trials) == 4
+    solo_loss = {(t.params["arm"], t.params["seed"]): t.user_attrs["reslab.metrics"]["test/loss"]
+                 for t in trials_of(tmp_path / "off")}
+    for t in packed_trials:
+        shown.append(f"cell {t.params}: test/loss relative difference "
+              f"{abs(t.user_attrs['reslab.metrics']['test/loss'] / solo_loss[t.params['arm'], t.params['seed']] - 1):.1e}")
+        assert t.user_attrs["reslab.pack"] == packed["packs"][0]["pack"] and t.user_attrs["reslab.pack_size"] == 4
+        assert t.user_attrs["reslab.metrics"]["test/loss"] == pytest.approx(solo_loss[t.params["arm"],
+                                                                                    t.params["seed"]], rel=TOLERANCE)
+    with capsys.disabled():
+        print("\n" + "\n".join(shown))
+    client = MlflowClient(f"sqlite:///{tmp_path / '8' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ablation/packs")
+    kids = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert sorted((k.data.tags["arm"], k.data.tags["seed"]) for k in kids) == [("A", "0"), ("A", "1"), ("B", "0"),
+                                                                               ("B", "1")]
+    for k in kids:
+        assert k.info.status == "FINISHED" and k.data.tags["state"] == "COMPLETE"
+        assert k.data.tags["reslab.pack"] == packed["packs"][0]["pack"] and k.data.tags["reslab.pack_size"] == "4"
+    assert main(["report", "packs", "--output-dir", str(tmp_path / "8")]) == 0
+    assert f"pack {packed['packs'][0]['pack']} (4 trained together): A seed 0 (trial 0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--pack", "0"], "--pack: expected auto, off or a number of trials per pack >= 1 (got '0')"),
+    (["--pack", "banana"], "--pack: expected auto, off or a number of trials per pack >= 1 (got 'banana')"),
+    (["--pack", "2", "--devices-per-trial", "2"], "--pack: packs train on one device, but every trial of this "
+                                                  "study takes 2"),
+    (["--set", "pack=-1"], "pack: "),
+])
+def test_bad_pack_values_are_one_line(tmp_path, capsys, args, expected):
+    path = study_file(tmp_path, ABLATION)
+    assert main(["ablate", str(path), "--output-dir", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err, err
+    db = tmp_path / "out" / "optuna.db"                           # nothing recorded
+    assert not db.exists() or optuna.get_all_study_names(f"sqlite:///{db}") == []
+
+
+def test_study_file_pack_key_and_a_search_that_cannot_pack(tmp_path, fashion_mnist, capsys):
+    bad = study_file(tmp_path, "pack: 0\n" + ABLATION, name="bad")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml:8: pack: " in err and "expected auto, off" in err
+    path = study_file(tmp_path, """
+        pack: 2
+        search:
+          space: {block.type: [plain, basic], train.lr: {low: 0.01, high: 0.02}}
+          objectives: [val/error]
+          sampler: random
+          sampler_seed: 0
+          trials: 2
+        """, name="search")
+    out = tmp_path / "out"
+    assert main(["search", str(path), "--output-dir", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("note: pack 2: the search samples block.type, which changes the network") == 1
+    assert "in pack" not in captured.out and captured.out.count("started") == 2
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and "reslab.pack" not in t.user_attrs
+               for t in trials_of(out, "search"))
+    assert main(["ablate", str(study_file(tmp_path, ABLATION)), "--pack", "auto", "--output-dir", str(out),
+                 "--set", "ablation.seeds=1", "--study", "auto"]) == 0
+    assert "note: --pack auto: packs train slower than their members alone on a CPU" in capsys.readouterr().err
+
+
+def test_a_worker_killed_mid_pack_loses_no_cell(tmp_path, fashion_mnist):
+    path = study_file(tmp_path, ABLATION)
+    out = tmp_path / "out"
+    args = [sys.executable, str(ROOT / "cli.py"), "ablate", str(path), "--pack", "4", "--heartbeat", "1",
+            "--output-dir", str(out), "--set", "train.epochs=3"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "trial 0 [A seed 0] started in pack" in line:
+            break
+    deadline = time.time() + 300            # killed once the pack's first epoch is recorded (its checkpoint)
+    while not list(out.glob("packs/*.ckpt")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, "".join(log) + done.stdout + done.stderr
+    trials = trials_of(out)
+    complete = sorted((t.params["arm"], t.params["seed"]) for t in trials
+                      if t.state == optuna.trial.TrialState.COMPLETE)
+    assert complete == [("A", 0), ("A", 1), ("B", 0), ("B", 1)], done.stdout      # each cell once
+    assert len(trials) == 8 and all(t.user_attrs.get("reslab.retry_of") is not None for t in trials[4:])
