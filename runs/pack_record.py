@@ -71,30 +71,34 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
                params: Optional[Sequence[dict]] = None, run_names: Optional[Sequence[str]] = None,
                prune: Optional[Callable[[Member, dict], Optional[str]]] = None,
                device: Optional[torch.device] = None, pack_id: Optional[str] = None,
-               on_result: Optional[Callable[[int, RunResult], None]] = None) -> list[RunResult]:
+               on_result: Optional[Callable[[int, RunResult], None]] = None,
+               resume: Optional[dict[int, str]] = None) -> list[RunResult]:
     """Train `specs` as one pack, each recorded as its own MLflow run (see the module docstring); `tags`, `params`
     and `run_names`: per member, as runs.fit.train takes them; `pack_id`: the pack's id (default: a new one);
-    `on_result(index, result)`: as each member's run ends (at the epoch it leaves). Returns each member's RunResult,
-    in order."""
+    `on_result(index, result)`: as each member's run ends (at the epoch it leaves). `resume`: {member index: its
+    run} of pack `pack_id` interrupted, which goes on from its checkpoint (its members still training, exactly as if
+    never stopped), in the same runs; `specs` are then those members' specs, in index order. Returns each member's
+    RunResult, in order."""
     output_dir = Path(output_dir).expanduser().resolve()
     uri = tracking.with_driver(tracking_uri or tracking.default_tracking_uri(output_dir))
-    pack = Pack(specs, device=device)
     pack_id = pack_id or new_pack_id()
-    records, views, finals = [], [], []
+    pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
+    pack = Pack.load(pack_file, device=device) if resume else Pack(specs, device=device)
+    records, views, finals = {}, {}, {}
     for i, m in enumerate(pack.members):
         extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_size": len(specs),
-                 "reslab.pack_index": i}
+                 "reslab.pack_index": m.index}
         record = RunRecord(uri, m.spec, complexity(m.spec), output_dir=output_dir, experiment=experiment,
                            run_name=(run_names or [None] * len(specs))[i], parent_run_id=parent_run_id,
-                           tags=extra, params=(params or [None] * len(specs))[i])
+                           tags=extra, params=(params or [None] * len(specs))[i],
+                           resume=resume[m.index] if resume else None)
         record.__enter__()
         view = MemberView(m)
-        finals.append(checkpoint_dir(output_dir, record.run_id) / LAST)
-        record.follow(view, final=finals[-1], data=m.data)
-        tracking.log_datasets(record.client, record.run_id, m.data.dataset_inputs())
-        records.append(record)
-        views.append(view)
-    pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
+        finals[m.index] = checkpoint_dir(output_dir, record.run_id) / LAST
+        record.follow(view, final=finals[m.index], data=m.data)
+        if not resume:
+            tracking.log_datasets(record.client, record.run_id, m.data.dataset_inputs())
+        records[m.index], views[m.index] = record, view
 
     def on_epoch(p: Pack, left: list[Member]) -> None:
         for m in [*p.members, *left]:
@@ -118,8 +122,8 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
     try:
         pack.fit(prune=prune, on_epoch=on_epoch)
     except BaseException as e:
-        for record in records:
+        for record in records.values():
             if not record.ended:
                 record.__exit__(type(e), e, None)
         raise
-    return [record.result for record in records]
+    return [record.result for record in records.values()]

@@ -151,6 +151,12 @@ def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
     return None
 
 
+def continue_run(ctx: TrialContext, run: Any, number: int) -> None:
+    """One MLflow run for the cell: the run an attempt resumes is tagged with its new trial and its attempts."""
+    attempts = run.data.tags.get(keys.ATTEMPTS_TAG) or run.data.tags.get(keys.TRIAL_TAG, "?")
+    tracking.set_tags(ctx.client, run.info.run_id, {keys.TRIAL_TAG: number, keys.ATTEMPTS_TAG: f"{attempts}, {number}"})
+
+
 @contextlib.contextmanager
 def leading(ctx: TrialContext, trial: optuna.Trial, spec: Spec, prune: Optional[str]):
     """While rank 0 trains a trial of several devices: the trial in the environment of the ranks Lightning starts."""
@@ -263,10 +269,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
 
     previous = _previous_run(ctx, trial)
     resume = previous.info.run_id if previous is not None else None
-    if previous is not None:         # one MLflow run for the cell, its attempts named
-        attempts = previous.data.tags.get(keys.ATTEMPTS_TAG) or previous.data.tags.get(keys.TRIAL_TAG, "?")
-        tracking.set_tags(ctx.client, resume, {keys.TRIAL_TAG: trial.number,
-                                               keys.ATTEMPTS_TAG: f"{attempts}, {trial.number}"})
+    if previous is not None:
+        continue_run(ctx, previous, trial.number)
     try:
         with leading(ctx, trial, spec, prune) if ctx.devices > 1 else contextlib.nullcontext():
             result = train(spec, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,

@@ -270,6 +270,51 @@ def _quiet_optuna():
 
 
 # ---- training a pack (outside the lock) -----------------------------------------------------------------
+def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[tuple[str, list[int], dict[int, str]]]:
+    """When `members` [(trial, begun)] retry exactly the members of one pack still training at its last checkpoint
+    (its worker died): (that pack's id, each member's index in it, {index: its MLflow run}); else None (they train
+    afresh as a new pack)."""
+    from arches import spec_hash
+    from runs.checkpoint import read_checkpoint
+
+    from . import recording
+
+    previous = {}
+    for t, _ in members:
+        before = TrialRecord.of(t).retry_of
+        if before is None:
+            return None
+        previous[t.number] = TrialRecord.of(study.trials[int(before)])
+    packs = {rec.pack for rec in previous.values()}
+    file = ctx.output_dir / "packs" / f"{next(iter(packs))}.ckpt"
+    if len(packs) != 1 or None in packs or not file.exists():
+        return None
+    pack_id = packs.pop()
+    try:
+        state = read_checkpoint(file)
+    except Exception:  # noqa: BLE001  (unreadable: afresh)
+        return None
+    training = {int(m["index"]): spec_hash(spec_from_json(m["spec"])) for m in state.get("members", [])}
+    places = [int(previous[t.number].pack_index) for t, _ in members]
+    if sorted(places) != sorted(training) or any(training[i] != spec_hash(b.spec) for i, (_, b) in
+                                                 zip(places, members)):
+        return None
+    runs = {}
+    by_trial = recording.trial_runs(ctx.client, ctx.experiment_id, ctx.parent_run_id)
+    for i, (t, _) in zip(places, members):
+        found = [r for r in by_trial.get(int(TrialRecord.of(t).retry_of), []) if r.data.tags.get(keys.PACK) == pack_id]
+        if not found or found[-1].info.status == "FINISHED":
+            return None
+        runs[i] = found[-1].info.run_id
+    return pack_id, places, runs
+
+
+def spec_from_json(data: dict) -> Spec:
+    from arches import spec_from_dict
+
+    return spec_from_dict(data)
+
+
 def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heartbeat: int, prefix: str) -> int:
     """Train the claimed trials as one pack (runs.pack_record.train_pack), each told its own outcome as it leaves
     the pack. Returns the trials run. Raises ReslabError and KeyboardInterrupt (the unfinished trials FAIL first,
@@ -278,7 +323,7 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
 
     from . import recording, views
     from .launch import placement
-    from .objective import Outcome, PruningCallback, _previous_run, begin, judge
+    from .objective import Outcome, PruningCallback, _previous_run, begin, continue_run, judge
     from .study import Heartbeat, _describe, stale_note, tell_outcome, trial_id_of
 
     plan = ctx.plan
@@ -306,14 +351,26 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
                 members.append((t, begun))
         if not members:
             return len(trials)
-        pack_id = new_pack_id()
-        for i, (t, b) in enumerate(members):
-            TrialRecord.put(t, pack=pack_id, pack_size=len(members), pack_index=i)
-            before = _previous_run(ctx, t)          # a solo attempt's checkpoint: this attempt starts afresh
+        resumed = interrupted_pack(ctx, study, members)
+        if resumed is not None:
+            pack_id, places, runs = resumed
+            members = [members[i] for i in sorted(range(len(members)), key=lambda i: places[i])]
+            members = dict(zip(sorted(places), members))       # the old pack's member index -> (trial, begun)
+            for index, (t, _) in members.items():
+                continue_run(ctx, ctx.client.get_run(runs[index]), t.number)
+        else:
+            pack_id, runs = new_pack_id(), None
+            members = dict(enumerate(members))
+        size = int(ctx.client.get_run(runs[min(runs)]).data.tags.get(keys.PACK_SIZE, len(members))) if resumed \
+            else len(members)
+        for i, (t, b) in members.items():
+            TrialRecord.put(t, pack=pack_id, pack_size=size, pack_index=i)
+            before = None if resumed else _previous_run(ctx, t)   # a solo attempt's checkpoint: it starts afresh
             if before is not None:
                 recording.mark_child(ctx.client, before.info.run_id, "FAILED", status="FAILED",
                                      reason=f"retried as trial {t.number} from scratch, in pack {pack_id}")
-            print(f"{prefix}trial {t.number}{plan.cell_label(t)} started in pack {pack_id} ({i + 1}/{len(members)})",
+            how = "resumed" if resumed else "started"
+            print(f"{prefix}trial {t.number}{plan.cell_label(t)} {how} in pack {pack_id} ({i + 1}/{size})",
                   flush=True)
         pruned: dict[int, str] = {}
 
@@ -334,15 +391,17 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
             finish(t, outcome)
 
         try:
-            train_pack([b.spec for _, b in members], tracking_uri=ctx.tracking_uri, output_dir=ctx.output_dir,
+            listed = list(members.values())
+            train_pack([b.spec for _, b in listed], tracking_uri=ctx.tracking_uri, output_dir=ctx.output_dir,
                        experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                       tags=[b.start.tags for _, b in members], params=[b.start.params for _, b in members],
-                       run_names=[b.start.run_name for _, b in members],
-                       prune=prune if plan.prune_metric is not None else None, pack_id=pack_id, on_result=on_result)
+                       tags=[b.start.tags for _, b in listed], params=[b.start.params for _, b in listed],
+                       run_names=[b.start.run_name for _, b in listed],
+                       prune=prune if plan.prune_metric is not None else None, pack_id=pack_id, on_result=on_result,
+                       resume=runs)
         except BaseException as e:
             stopped = isinstance(e, KeyboardInterrupt)
             reason = f"{type(e).__name__}: {first_line(e)}"
-            for t, _ in members:
+            for t, _ in members.values():
                 if t.number in told:
                     continue
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):

@@ -160,3 +160,13 @@ def test_a_worker_killed_mid_pack_loses_no_cell(tmp_path, fashion_mnist):
                       if t.state == optuna.trial.TrialState.COMPLETE)
     assert complete == [("A", 0), ("A", 1), ("B", 0), ("B", 1)], done.stdout      # each cell once
     assert len(trials) == 8 and all(t.user_attrs.get("reslab.retry_of") is not None for t in trials[4:])
+    # the pack went on from its checkpoint, in the same MLflow runs: every epoch recorded once
+    assert done.stdout.count("resumed in pack") == 4, done.stdout + done.stderr
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ablation/packs")
+    kids = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" and k.data.tags["resumed"] == "1" for k in kids)
+    for k in kids:
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")] == [1, 2, 3]
+        first, retry = (int(n) for n in k.data.tags["reslab.attempts"].split(", "))
+        assert retry == first + 4 and trials[retry].user_attrs["reslab.run_id"] == k.info.run_id
