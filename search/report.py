@@ -167,7 +167,7 @@ class PackRow:
 
     def line(self) -> str:
         return f"pack {self.pack} ({self.size} trained together): " + ", ".join(
-            f"{c} (trial {n})" for c, n in zip(self.cells, self.trials))
+            c if c == f"trial {n}" else f"{c} (trial {n})" for c, n in zip(self.cells, self.trials))
 
 
 def pack_rows(trials: list) -> list[PackRow]:
