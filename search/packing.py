@@ -193,6 +193,8 @@ def probe(spec: Spec, sharing: int = 1) -> tuple[int, str]:
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return 1, "a pack of 2 does not fit the GPU's memory"
+    except ReslabError as e:                    # (runs.pack.PackError: e.g. max_steps stops mid-epoch)
+        return 1, f"the trials cannot pack ({first_line(e)})"
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     fits = int(MEMORY_SHARE * free / sharing // per_member)
@@ -203,6 +205,7 @@ def probe(spec: Spec, sharing: int = 1) -> tuple[int, str]:
 
 # ---- claiming (under the study lock) --------------------------------------------------------------------
 _KEYS: dict[tuple, Optional[str]] = {}
+_SAID: set[str] = set()          # notes this worker has printed once
 
 
 def trial_key(plan: StudyDesign, params: Optional[dict], threads: int) -> Optional[str]:
@@ -319,11 +322,12 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
     """Train the claimed trials as one pack (runs.pack_record.train_pack), each told its own outcome as it leaves
     the pack. Returns the trials run. Raises ReslabError and KeyboardInterrupt (the unfinished trials FAIL first,
     and are retried)."""
+    from runs.pack import PackError
     from runs.pack_record import new_pack_id, train_pack
 
     from . import recording, views
     from .launch import placement
-    from .objective import Outcome, PruningCallback, _previous_run, begin, continue_run, judge
+    from .objective import Outcome, PruningCallback, _previous_run, begin, continue_run, judge, run_trial
     from .study import Heartbeat, _describe, stale_note, tell_outcome, trial_id_of
 
     plan = ctx.plan
@@ -398,6 +402,17 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
                        run_names=[b.start.run_name for _, b in listed],
                        prune=prune if plan.prune_metric is not None else None, pack_id=pack_id, on_result=on_result,
                        resume=runs)
+        except PackError as e:                  # raised before any member trained or was recorded
+            if not told and not resumed:
+                if first_line(e) not in _SAID:
+                    _SAID.add(first_line(e))
+                    print(f"{prefix}note: these trials cannot train as one pack ({first_line(e)}); they train alone",
+                          file=sys.stderr, flush=True)
+                for t, _ in members.values():
+                    TrialRecord.put(t, pack="", pack_size=1, pack_index=0)
+                    finish(t, run_trial(ctx, t))
+                return len(trials)
+            raise
         except BaseException as e:
             stopped = isinstance(e, KeyboardInterrupt)
             reason = f"{type(e).__name__}: {first_line(e)}"
