@@ -121,7 +121,7 @@ def pack_size(plan: StudyDesign, opts: Any, threads: int, devices: int) -> tuple
 
     value, explicit, where = requested(plan, opts)
     flag = where.file if where.file == "--pack" else "pack"
-    said = f"{flag} {value}"
+    said = f"{flag} {value}" if explicit else "pack auto (the default)"
     if value == "off" or devices > 1:
         return 1, []
     spec = plan.build([], threads=threads)
@@ -139,7 +139,7 @@ def pack_size(plan: StudyDesign, opts: Any, threads: int, devices: int) -> tuple
     size = value if isinstance(value, int) else CAP
     if cuda:
         fits, probe_note = probe(spec, _sharing(opts))
-        if fits < size and (explicit or fits < CAP):
+        if fits < size:
             notes.append(f"note: {said}: {probe_note}; packs of at most {fits}")
         size = min(size, fits)
     cells = _cells(plan)

@@ -170,3 +170,42 @@ def test_a_worker_killed_mid_pack_loses_no_cell(tmp_path, fashion_mnist):
         assert [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")] == [1, 2, 3]
         first, retry = (int(n) for n in k.data.tags["reslab.attempts"].split(", "))
         assert retry == first + 4 and trials[retry].user_attrs["reslab.run_id"] == k.info.run_id
+
+
+def test_a_search_packs_when_every_dimension_fuses_and_prunes_each_member(tmp_path, fashion_mnist, capsys):
+    path = study_file(tmp_path, """
+        search:
+          space: {train.lr: {low: 0.01, high: 0.02}, train.weight_decay: [0.0, 0.0001]}
+          objectives: [val/error]
+          pruner: {type: median, warmup_epochs: 0}
+          sampler_seed: 0
+          trials: 4
+        """, name="fuses")
+    out = tmp_path / "out"
+    assert main(["search", str(path), "--pack", "2", "--output-dir", str(out), "--set", "train.epochs=2"]) == 0
+    assert capsys.readouterr().out.count("started in pack") == 4
+    trials = trials_of(out, "fuses")
+    assert len(trials) == 4 and len({t.user_attrs["reslab.pack"] for t in trials}) == 2
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    for t in trials:                 # each member asked its own pruner each epoch, told its own outcome
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        epochs = 2 if t.state == optuna.trial.TrialState.COMPLETE else max(t.intermediate_values)
+        assert sorted(t.intermediate_values) == list(range(1, epochs + 1))
+        run = client.get_run(t.user_attrs["reslab.run_id"])
+        assert run.data.tags["state"] == t.state.name and run.data.tags["reslab.pack"] == t.user_attrs["reslab.pack"]
+
+
+def test_auto_sizes_packs_from_the_memory_probe(tmp_path, monkeypatch):
+    from search import packing
+    from search.space import load_study_file
+    from search.study import StudyOptions
+
+    plan = load_study_file(study_file(tmp_path, ABLATION.replace("seeds: 2", "seeds: 5")))
+    monkeypatch.setattr(packing.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(packing, "probe", lambda spec, sharing: (3, "one step of a pack of 2 peaks at 9 MiB"))
+    assert packing.pack_size(plan, StudyOptions(str(plan.file)), 1, 1) == (3, [
+        "note: pack auto (the default): one step of a pack of 2 peaks at 9 MiB; packs of at most 3"])
+    size, notes = packing.pack_size(plan, StudyOptions(str(plan.file), pack="8"), 1, 1)
+    assert size == 3 and notes == ["note: --pack 8: one step of a pack of 2 peaks at 9 MiB; packs of at most 3"]
+    assert packing.pack_size(plan, StudyOptions(str(plan.file), pack="off"), 1, 1) == (1, [])
+    assert packing.pack_size(plan, StudyOptions(str(plan.file), pack="2"), 1, 2) == (1, [])   # DDP trials
