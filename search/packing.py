@@ -260,7 +260,13 @@ def claim_members(study: optuna.Study, storage: Any, plan: StudyDesign, first: o
     for t in members[1:]:
         liveness.claim(t)
         storage.record_heartbeat(trial_id_of(storage, t))
-    return members if len(members) > 1 else first
+    return members if len(members) > 1 or _retries_a_pack(study, first) else first
+
+
+def _retries_a_pack(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether `trial` retries a pack member (alone, it may still resume its pack: run_members)."""
+    before = TrialRecord.of(trial).retry_of
+    return before is not None and bool(TrialRecord.of(study.trials[int(before)]).pack)
 
 
 @contextlib.contextmanager
@@ -362,6 +368,11 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
             members = dict(zip(sorted(places), members))       # the old pack's member index -> (trial, begun)
             for index, (t, _) in members.items():
                 continue_run(ctx, ctx.client.get_run(runs[index]), t.number)
+        elif len(members) == 1:                 # a retry of a pack member that cannot resume its pack: alone
+            t = members[0][0]
+            print(f"{prefix}trial {t.number}{plan.cell_label(t)} started", flush=True)
+            finish(t, run_trial(ctx, t))
+            return len(trials)
         else:
             pack_id, runs = new_pack_id(), None
             members = dict(enumerate(members))

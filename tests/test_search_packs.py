@@ -138,7 +138,9 @@ def test_study_file_pack_key_and_a_search_that_cannot_pack(tmp_path, fashion_mni
 
 
 def test_a_worker_killed_mid_pack_loses_no_cell(tmp_path, fashion_mnist):
-    path = study_file(tmp_path, ABLATION)
+    """Arm A's members leave the pack after epoch 1 (told COMPLETE), B's train on; the worker is killed then. Run
+    again, B's retries resume the pack from its checkpoint in the same MLflow runs; every cell ends COMPLETE once."""
+    path = study_file(tmp_path, ABLATION.replace("A: {train.lr: 0.02}", "A: {train.lr: 0.02, train.epochs: 1}"))
     out = tmp_path / "out"
     args = [sys.executable, str(ROOT / "cli.py"), "ablate", str(path), "--pack", "4", "--heartbeat", "1",
             "--output-dir", str(out), "--set", "train.epochs=3"]
@@ -146,30 +148,28 @@ def test_a_worker_killed_mid_pack_loses_no_cell(tmp_path, fashion_mnist):
     log = []
     for line in proc.stdout:
         log.append(line)
-        if "trial 0 [A seed 0] started in pack" in line:
+        if "trial 1 [A seed 1] COMPLETE" in line:
+            os.kill(proc.pid, signal.SIGKILL)       # mid-pack: B's members are in epoch 2 (or 3)
             break
-    deadline = time.time() + 300            # killed once the pack's first epoch is recorded (its checkpoint)
-    while not list(out.glob("packs/*.ckpt")) and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(log)
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, "".join(log) + done.stdout + done.stderr
     trials = trials_of(out)
-    complete = sorted((t.params["arm"], t.params["seed"]) for t in trials
-                      if t.state == optuna.trial.TrialState.COMPLETE)
-    assert complete == [("A", 0), ("A", 1), ("B", 0), ("B", 1)], done.stdout      # each cell once
-    assert len(trials) == 8 and all(t.user_attrs.get("reslab.retry_of") is not None for t in trials[4:])
-    # the pack went on from its checkpoint, in the same MLflow runs: every epoch recorded once
-    assert done.stdout.count("resumed in pack") == 4, done.stdout + done.stderr
+    complete = {(t.params["arm"], t.params["seed"]): t for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert sorted(complete) == [("A", 0), ("A", 1), ("B", 0), ("B", 1)], done.stdout      # each cell once
+    assert len(trials) == 6 and [t.user_attrs.get("reslab.retry_of") for t in trials[4:]] == [2, 3]
+    assert done.stdout.count("resumed in pack") == 2, done.stdout + done.stderr
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ablation/packs")
-    kids = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
-    assert len(kids) == 4 and all(k.info.status == "FINISHED" and k.data.tags["resumed"] == "1" for k in kids)
-    for k in kids:
-        assert [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")] == [1, 2, 3]
-        first, retry = (int(n) for n in k.data.tags["reslab.attempts"].split(", "))
-        assert retry == first + 4 and trials[retry].user_attrs["reslab.run_id"] == k.info.run_id
+    kids = {k.data.tags["arm"] + k.data.tags["seed"]: k for k in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" in k.data.tags}
+    assert sorted(kids) == ["A0", "A1", "B0", "B1"] and all(k.info.status == "FINISHED" for k in kids.values())
+    for cell, epochs in (("A0", 1), ("A1", 1), ("B0", 3), ("B1", 3)):   # every epoch recorded once
+        run = kids[cell]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, epochs + 1))
+        assert complete[cell[0], int(cell[1])].user_attrs["reslab.run_id"] == run.info.run_id
+    assert kids["B0"].data.tags["resumed"] == "1" and kids["B0"].data.tags["reslab.attempts"] == "2, 4"
 
 
 def test_a_search_packs_when_every_dimension_fuses_and_prunes_each_member(tmp_path, fashion_mnist, capsys):
