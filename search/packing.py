@@ -266,7 +266,7 @@ def claim_members(study: optuna.Study, storage: Any, plan: StudyDesign, first: o
 def _retries_a_pack(study: optuna.Study, trial: optuna.Trial) -> bool:
     """Whether `trial` retries a pack member (alone, it may still resume its pack: run_members)."""
     before = TrialRecord.of(trial).retry_of
-    return before is not None and bool(TrialRecord.of(study.trials[int(before)]).pack)
+    return before is not None and bool(TrialRecord.of(study.get_trials(deepcopy=False)[int(before)]).pack)
 
 
 @contextlib.contextmanager
@@ -283,17 +283,17 @@ def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[t
     """When `members` [(trial, begun)] retry exactly the members of one pack still training at its last checkpoint
     (its worker died): (that pack's id, each member's index in it, {index: its MLflow run}); else None (they train
     afresh as a new pack)."""
-    from arches import spec_hash
+    from arches import spec_from_dict, spec_hash
     from runs.checkpoint import read_checkpoint
 
     from . import recording
 
-    previous = {}
+    previous, trials = {}, study.get_trials(deepcopy=False)
     for t, _ in members:
         before = TrialRecord.of(t).retry_of
         if before is None:
             return None
-        previous[t.number] = TrialRecord.of(study.trials[int(before)])
+        previous[t.number] = TrialRecord.of(trials[int(before)])
     packs = {rec.pack for rec in previous.values()}
     file = ctx.output_dir / "packs" / f"{next(iter(packs))}.ckpt"
     if len(packs) != 1 or None in packs or not file.exists():
@@ -303,7 +303,7 @@ def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[t
         state = read_checkpoint(file)
     except Exception:  # noqa: BLE001  (unreadable: afresh)
         return None
-    training = {int(m["index"]): spec_hash(spec_from_json(m["spec"])) for m in state.get("members", [])}
+    training = {int(m["index"]): spec_hash(spec_from_dict(m["spec"])) for m in state.get("members", [])}
     places = [int(previous[t.number].pack_index) for t, _ in members]
     if sorted(places) != sorted(training) or any(training[i] != spec_hash(b.spec) for i, (_, b) in
                                                  zip(places, members)):
@@ -316,12 +316,6 @@ def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[t
             return None
         runs[i] = found[-1].info.run_id
     return pack_id, places, runs
-
-
-def spec_from_json(data: dict) -> Spec:
-    from arches import spec_from_dict
-
-    return spec_from_dict(data)
 
 
 def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heartbeat: int, prefix: str) -> int:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import optuna
@@ -69,15 +68,15 @@ def test_an_ablation_packed_equals_it_solo(tmp_path, fashion_mnist, capsys):
             assert ours["arm"] == theirs["arm"] and ours["n"] == theirs["n"] == 2
             assert ours["mean"] == pytest.approx(theirs["mean"], rel=TOLERANCE), metric
             assert ours["std"] == pytest.approx(theirs["std"], abs=STD_TOLERANCE), metric
-            shown.append(f"{metric} {ours['arm']}: mean {ours['mean']:.6g} vs {theirs['mean']:.6g}, std {ours['std']:.4g} "
-                  f"vs {theirs['std']:.4g}")
+            shown.append(f"{metric} {ours['arm']}: mean {ours['mean']:.6g} vs {theirs['mean']:.6g}, "
+                         f"std {ours['std']:.4g} vs {theirs['std']:.4g}")
     packed_trials = trials_of(tmp_path / "8")
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in packed_trials) and len(packed_trials) == 4
     solo_loss = {(t.params["arm"], t.params["seed"]): t.user_attrs["reslab.metrics"]["test/loss"]
                  for t in trials_of(tmp_path / "off")}
     for t in packed_trials:
-        shown.append(f"cell {t.params}: test/loss relative difference "
-              f"{abs(t.user_attrs['reslab.metrics']['test/loss'] / solo_loss[t.params['arm'], t.params['seed']] - 1):.1e}")
+        ratio = t.user_attrs["reslab.metrics"]["test/loss"] / solo_loss[t.params["arm"], t.params["seed"]]
+        shown.append(f"cell {t.params}: test/loss relative difference {abs(ratio - 1):.1e}")
         assert t.user_attrs["reslab.pack"] == packed["packs"][0]["pack"] and t.user_attrs["reslab.pack_size"] == 4
         assert t.user_attrs["reslab.metrics"]["test/loss"] == pytest.approx(solo_loss[t.params["arm"],
                                                                                     t.params["seed"]], rel=TOLERANCE)
