@@ -84,6 +84,10 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                    help="devices of every trial: K GPUs (or K CPU processes) trained with Lightning DDP; each worker "
                         "gets its own K GPUs (default: the file's devices_per_trial, else 1; fixed when the study "
                         "is made)")
+    p.add_argument("--pack", metavar="auto|off|N",
+                   help="train up to N waiting trials of the same network as one vmapped model (runs.pack), each "
+                        "still its own trial and run; auto: off on a CPU, sized by a memory probe on a GPU "
+                        "(default: the file's pack:, else auto)")
     add_storage(p, "Optuna storage URL shared by workers and machines, e.g. postgresql://user@host/db")
     add_tracking_uri(p, "MLflow store: a tracking server http://host:port for several machines")
     add_output_dir(p, "local stores, checkpoints")

@@ -3,8 +3,9 @@
 #   tests       tests/test_pack.py (its CUDA tests run here; CI has no GPU and skips them) and tests/test_gpu.py
 #   throughput  benchmarks/packs.py: P = 1 2 4 8 16 ResNet-20 members vs solo trials, eager / compile /
 #               compile reduce-overhead, bf16, all 55k Fashion-MNIST images, 2 epochs (the second one timed)
-#   ablation    specs/ablations/shortcuts.yaml (A/B/C x 3 seeds, 30 s of epochs here) packed vs solo: wall times and
-#               test/error per arm (n, mean, std) both ways
+#   ablation    specs/ablations/shortcuts.yaml (A/B/C x 3 seeds, 2 epochs) with `cli.py ablate --pack auto` (the
+#               memory probe sizes the packs) vs `--pack off`: wall times, test/error per arm (n, mean, std) and the
+#               packs each report names
 #   bash benchmarks/gpu_check.sh              # every part
 #   bash benchmarks/gpu_check.sh throughput   # some parts
 set -uo pipefail
@@ -31,8 +32,11 @@ for p in ${@:-tests throughput ablation}; do
         -k "cuda or gpu" ;;
     throughput) part throughput 240 python benchmarks/packs.py throughput --sizes 1 2 4 8 16 --epochs 2 \
         --solo-trials 1 --set data.train_subset=null ;;
-    ablation) part ablation 120 python benchmarks/packs.py ablation --file specs/ablations/shortcuts.yaml \
-        --set train.epochs=2 ;;
+    ablation) rm -rf "$OUT/packed" "$OUT/solo"
+      part ablation_packed 50 python cli.py ablate specs/ablations/shortcuts.yaml --pack auto --set train.epochs=2 \
+        --output-dir "$OUT/packed"
+      part ablation_solo 70 python cli.py ablate specs/ablations/shortcuts.yaml --pack off --set train.epochs=2 \
+        --output-dir "$OUT/solo" ;;
     *) echo "unknown part $p (tests throughput ablation)"; status=2 ;;
   esac
 done

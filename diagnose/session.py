@@ -30,7 +30,7 @@ class DiagnoseRequest:
     landscape_options: LandscapeOptions = field(default_factory=LandscapeOptions)
     blocks: Optional[Sequence[str]] = None      # lesion only these blocks (default: every block)
     limit: Optional[int] = None                 # lesion on this many test images (seeded subset)
-    tracking_uri: Optional[str] = None          # default: runs.tracking.default_tracking_uri(output_dir)
+    tracking_uri: Optional[str] = None          # default: runs.mlflow_client.default_tracking_uri(output_dir)
     experiment: str = DEFAULT_EXPERIMENT
     parent_run_id: Optional[str] = None         # log as nested children of this run
     output_dir: str = "outputs"

@@ -183,7 +183,8 @@ def _resumed_spec(spec: Optional[Spec], checkpoint: Optional[Path], run_id: Opti
         state = read_checkpoint(checkpoint)
         if MEMBER_OF in state:
             raise ReslabError(f"run {run_id} trained in a pack; it resumes with its pack (runs.pack.Pack.load"
-                              f"('{state[MEMBER_OF]}'))", file="--resume")
+                              f"('{state[MEMBER_OF]}')): a study's pack by running the study again (python cli.py "
+                              f"ablate|search FILE)", file="--resume")
         stored = spec_of(state, str(checkpoint))
         if spec is not None and spec_hash(spec) != spec_hash(stored):
             raise ReslabError(f"the spec differs from run {run_id}'s (hash {spec_hash(spec)} vs "

@@ -31,6 +31,10 @@ from .record import RunRecord, RunResult
 PACK_TAGS = ("reslab.pack", "reslab.pack_size", "reslab.pack_index")
 
 
+def new_pack_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 class MemberView:
     """What RunRecord follows for a member (a ReslabModule's history, results and network)."""
 
@@ -68,28 +72,35 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
                parent_run_id: Optional[str] = None, tags: Optional[Sequence[dict]] = None,
                params: Optional[Sequence[dict]] = None, run_names: Optional[Sequence[str]] = None,
                prune: Optional[Callable[[Member, dict], Optional[str]]] = None,
-               device: Optional[torch.device] = None) -> list[RunResult]:
+               device: Optional[torch.device] = None, pack_id: Optional[str] = None,
+               on_result: Optional[Callable[[int, RunResult], None]] = None,
+               resume: Optional[dict[int, str]] = None) -> list[RunResult]:
     """Train `specs` as one pack, each recorded as its own MLflow run (see the module docstring); `tags`, `params`
-    and `run_names`: per member, as runs.fit.train takes them. Returns each member's RunResult, in order."""
+    and `run_names`: per member, as runs.fit.train takes them; `pack_id`: the pack's id (default: a new one);
+    `on_result(index, result)`: as each member's run ends (at the epoch it leaves). `resume`: {member index: its
+    run} of pack `pack_id` interrupted, which goes on from its checkpoint (its members still training, exactly as if
+    never stopped), in the same runs; `specs` are then those members' specs, in index order. Returns each member's
+    RunResult, in order."""
     output_dir = Path(output_dir).expanduser().resolve()
     uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
-    pack = Pack(specs, device=device)
-    pack_id = uuid.uuid4().hex[:12]
-    records, views, finals = [], [], []
+    pack_id = pack_id or new_pack_id()
+    pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
+    pack = Pack.load(pack_file, device=device) if resume else Pack(specs, device=device)
+    records, views, finals = {}, {}, {}
     for i, m in enumerate(pack.members):
-        extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_size": len(specs),
-                 "reslab.pack_index": i}
+        extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_index": m.index}
+        if not resume:                      # (a resumed pack's runs keep the size the pack started with)
+            extra["reslab.pack_size"] = len(specs)
         options = RunOptions(tracking_uri=uri, output_dir=output_dir, experiment=experiment,
                              run_name=(run_names or [None] * len(specs))[i], parent_run_id=parent_run_id, tags=extra,
-                             params=(params or [None] * len(specs))[i])
+                             params=(params or [None] * len(specs))[i], resume=resume[m.index] if resume else None)
         view = MemberView(m)
         record = RunRecord(m.spec, complexity(m.spec), options, module=view, data=m.data)
         record.__enter__()
-        finals.append(record.checkpoint)
-        log_datasets(record.client, record.run_id, m.data.dataset_inputs())
-        records.append(record)
-        views.append(view)
-    pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
+        finals[m.index] = record.checkpoint
+        if not resume:
+            log_datasets(record.client, record.run_id, m.data.dataset_inputs())
+        records[m.index], views[m.index] = record, view
 
     def on_epoch(p: Pack, left: list[Member]) -> None:
         for m in [*p.members, *left]:
@@ -107,12 +118,14 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
             view.left()
             exc = _ending(m)
             record.__exit__(type(exc) if exc else None, exc, None)
+            if on_result is not None:
+                on_result(m.index, record.result)
 
     try:
         pack.fit(prune=prune, on_epoch=on_epoch)
     except BaseException as e:
-        for record in records:
+        for record in records.values():
             if not record.ended:
                 record.__exit__(type(e), e, None)
         raise
-    return [record.result for record in records]
+    return [record.result for record in records.values()]

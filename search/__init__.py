@@ -57,4 +57,5 @@ def options_from_args(args: argparse.Namespace, kind: str):
 
     return StudyOptions(file=args.file, overrides=list(args.overrides), study=args.study, storage=args.storage,
                         tracking_uri=args.tracking_uri, output_dir=args.output_dir, workers=args.workers,
-                        devices_per_trial=args.devices_per_trial, heartbeat=args.heartbeat, kind=kind)
+                        devices_per_trial=args.devices_per_trial, heartbeat=args.heartbeat, kind=kind,
+                        pack=args.pack)

@@ -31,6 +31,9 @@ WORKER_MEMORY_MB = "reslab.worker_memory_mb"  # peak resident memory of the work
 WORKER = "reslab.worker"                # the process that claimed it: host, boot, pidns, pid, started (liveness)
 JOB = "reslab.job"                      # the cluster job that runs it (SLURM: array id_task)
 HOST = "reslab.host"                    # the machine that runs it
+PACK = "reslab.pack"                    # the pack it trained in (search.packing; none: it trained alone) ...
+PACK_SIZE = "reslab.pack_size"          # ... its members when it started ...
+PACK_INDEX = "reslab.pack_index"        # ... and this trial's place in it
 QUEUED = "fixed_params"                 # Optuna's own system attribute: the values a trial was enqueued with
 
 # Outcomes: a result (never run again) ...

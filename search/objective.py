@@ -37,6 +37,7 @@ from runs.checkpoint import resumable
 from runs.environment import environment
 from runs.fit import CHECKPOINT_ENV, Interrupted, Pruned, RunOptions, train, uses_cuda
 from runs.mlflow_write import STATE_TAG, set_tags
+from runs.pack_record import PACK_TAGS
 from runs.quiet import quiet
 from runs.record import RUN_ID_ENV
 
@@ -45,6 +46,7 @@ from .plans import StudyDesign
 from .trials import TrialRecord
 
 LATENCY_REPEATS = 20
+PACK_TAG = PACK_TAGS[0]               # on a pack member's run: its pack (a retry does not resume it alone)
 FOLLOW_ENV = "RESLAB_FOLLOW_TRIAL"   # the trial a worker trains on several devices, for the DDP ranks it starts
 
 
@@ -141,12 +143,19 @@ def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
     runs = recording.trial_runs(ctx.client, ctx.experiment_id, ctx.parent_run_id).get(int(before), [])
     for run in runs:
         if run.info.status in ("RUNNING", "KILLED") and run.data.tags.get(STATE_TAG) != "PRUNED":
-            if resumable(ctx.client, run, ctx.output_dir):
+            if resumable(ctx.client, run, ctx.output_dir) and PACK_TAG not in run.data.tags:
                 return run
-            if run.info.status == "RUNNING":    # its worker died before any checkpoint: close it
+            if run.info.status == "RUNNING":    # its worker died before any checkpoint (or in a pack): close it
                 recording.mark_child(ctx.client, run.info.run_id, "FAILED", reason="worker died; retried as trial "
-                                     f"{trial.number}", status="FAILED")
+                                     f"{trial.number}" + (" from scratch (it trained in a pack)"
+                                                          if PACK_TAG in run.data.tags else ""), status="FAILED")
     return None
+
+
+def continue_run(ctx: TrialContext, run: Any, number: int) -> None:
+    """One MLflow run for the cell: the run an attempt resumes is tagged with its new trial and its attempts."""
+    attempts = run.data.tags.get(keys.ATTEMPTS_TAG) or run.data.tags.get(keys.TRIAL_TAG, "?")
+    set_tags(ctx.client, run.info.run_id, {keys.TRIAL_TAG: number, keys.ATTEMPTS_TAG: f"{attempts}, {number}"})
 
 
 def leading(ctx: TrialContext, trial: optuna.Trial, spec: Spec, prune: Optional[str]):
@@ -207,26 +216,43 @@ def follow_trial(trial: dict) -> int:
     return 0
 
 
-def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
-    """Build, train and judge one trial. Raises ReslabError (bad data, store) and KeyboardInterrupt only."""
+@dataclass
+class Begun:
+    """A trial ready to train: its start (values, run name, tags, params), spec and costs."""
+    start: Any
+    spec: Spec
+    complexity: Complexity
+    cost: dict[str, float]
+
+
+def begin(ctx: TrialContext, trial: optuna.Trial) -> "Begun | Outcome":
+    """The trial's start, spec, tags and costs, recorded on the trial; an INVALID Outcome when its values make no
+    valid network (solo trials and pack members alike)."""
     plan = ctx.plan
-    devices = ctx.devices if ctx.devices > 1 else None
     start = plan.start_trial(trial)
-    values, run_name, tags, params = start.values, start.run_name, start.tags, start.params
     if start.record:
         TrialRecord.put(trial, **start.record)
     try:
-        spec = plan.trial_spec(start, threads=ctx.threads, devices=devices)
+        spec = plan.trial_spec(start, threads=ctx.threads, devices=ctx.devices if ctx.devices > 1 else None)
     except SpecError as e:                               # sampled values that make no valid network
         return Outcome(optuna.trial.TrialState.FAIL, keys.INVALID, reason=str(e))
-    tags.update({keys.STUDY_TAG: plan.name, keys.ROLE_TAG: "trial",
-                 keys.TRIAL_TAG: str(trial.number)})
+    start.tags.update({keys.STUDY_TAG: plan.name, keys.ROLE_TAG: "trial", keys.TRIAL_TAG: str(trial.number)})
     complexity_ = complexity(spec)                       # once: the costs and the run's records share it
     cost = costs(spec, latency=any(m.name == "latency_ms" for m in plan.metrics), cost=complexity_)
     device = torch.cuda.get_device_name() if uses_cuda(spec) else "cpu"
     device = f"{ctx.devices} x {device}" if ctx.devices > 1 else device
     TrialRecord.put(trial, cost=cost, width_multiplier=spec.width_multiplier, threads=spec.train.threads,
                     device=device)
+    return Begun(start, spec, complexity_, cost)
+
+
+def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
+    """Build, train and judge one trial. Raises ReslabError (bad data, store) and KeyboardInterrupt only."""
+    begun = begin(ctx, trial)
+    if isinstance(begun, Outcome):
+        return begun
+    plan, spec, complexity_, cost = ctx.plan, begun.spec, begun.complexity, begun.cost
+    values, run_name, tags, params = begun.start.values, begun.start.run_name, begun.start.tags, begun.start.params
     callbacks = []
     prune = None
     if plan.prune_metric is not None:
@@ -235,10 +261,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
 
     previous = _previous_run(ctx, trial)
     resume = previous.info.run_id if previous is not None else None
-    if previous is not None:         # one MLflow run for the cell, its attempts named
-        attempts = previous.data.tags.get(keys.ATTEMPTS_TAG) or previous.data.tags.get(keys.TRIAL_TAG, "?")
-        set_tags(ctx.client, resume, {keys.TRIAL_TAG: trial.number,
-                                      keys.ATTEMPTS_TAG: f"{attempts}, {trial.number}"})
+    if previous is not None:
+        continue_run(ctx, previous, trial.number)
     try:
         with leading(ctx, trial, spec, prune) if ctx.devices > 1 else contextlib.nullcontext():
             result = train(spec, RunOptions(tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
@@ -263,12 +287,17 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
             recording.mark_child(ctx.client, run_id, "FAILED", values, reason=reason)
         return Outcome(optuna.trial.TrialState.FAIL, keys.ERROR, reason=reason, run_id=run_id)
 
+    return judge(ctx, result, values, cost)
+
+
+def judge(ctx: TrialContext, result: Any, values: dict, cost: dict[str, float]) -> Outcome:
+    """The outcome of a trial whose run ended (a runs.record.RunResult, FINISHED or FAILED), its child run tagged."""
     metrics = {**result.metrics, **cost}
     if result.status != "FINISHED":
         recording.mark_child(ctx.client, result.run_id, "FAILED", values, reason=result.reason)
         return Outcome(optuna.trial.TrialState.FAIL, keys.DIVERGED, reason=result.reason, metrics=metrics,
                        run_id=result.run_id)
-    missing = [m.name for m in plan.objectives if not _finite(metrics.get(m.name))]
+    missing = [m.name for m in ctx.plan.objectives if not _finite(metrics.get(m.name))]
     if missing:
         reason = f"{missing[0]} was not recorded (a validation metric needs data.val_size > 0)"
         recording.mark_child(ctx.client, result.run_id, "FAILED", values, reason=reason)
@@ -276,7 +305,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
                        run_id=result.run_id)
     recording.mark_child(ctx.client, result.run_id, "COMPLETE", values)
     return Outcome(optuna.trial.TrialState.COMPLETE, keys.COMPLETE,
-                   values=[float(metrics[m.name]) for m in plan.objectives], metrics=metrics, run_id=result.run_id)
+                   values=[float(metrics[m.name]) for m in ctx.plan.objectives], metrics=metrics,
+                   run_id=result.run_id)
 
 
 def _finite(v: Any) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from arches.errors import Locator, SpecError, index_of
 from arches.spec import Override, parse_override
 
-STUDY_ONLY = ("base", "set", "devices_per_trial", "ablation", "search")  # top-level keys no spec has
+STUDY_ONLY = ("base", "set", "devices_per_trial", "pack", "ablation", "search")  # top-level keys no spec has
 PREFIX = "study"                       # `study.name=x`: a study key that is also a spec key (name, description)
 DOTTED = {("set",), ("ablation", "axes"), ("ablation", "baseline"), ("search", "space")}  # keys are spec keys
 FLAG = ("--set", None)                 # (file, line) of an overridden key, as Locator stores them

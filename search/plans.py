@@ -65,6 +65,8 @@ class StudyDesign:
     description: str = ""                                # `description:`, else the file's header comment
     devices_per_trial: Optional[int] = None              # the file's devices_per_trial (the study's: search.study)
     devices_line: Optional[int] = None                   # where the file says it
+    pack: Any = None                                     # the file's `pack:` (auto | off | N; search.packing)
+    pack_line: Optional[int] = None                      # where the file says it
     launcher: dict = field(default_factory=dict)         # the `launcher:` keys the file sets (search.launch)
     timeout: Optional[float] = None                      # seconds per command after which no new trial starts
     kind: ClassVar[str] = ""                             # ablation | search: its section, stored as reslab.kind

@@ -159,6 +159,33 @@ class Importances:
 
 
 @dataclass
+class PackRow:
+    """A pack some of the study's trials trained in together (one vmapped model, search.packing)."""
+    pack: str                                            # its id (MLflow tag reslab.pack of each member's run)
+    size: int                                            # members when it started
+    trials: list[int]
+    cells: list[str]                                     # what each member stood for ('A seed 0', 'trial 4')
+
+    def line(self) -> str:
+        return f"pack {self.pack} ({self.size} trained together): " + ", ".join(
+            c if c == f"trial {n}" else f"{c} (trial {n})" for c, n in zip(self.cells, self.trials))
+
+
+def pack_rows(trials: list) -> list[PackRow]:
+    """The packs of a study's trials, in the order they started; a trial alone is in none."""
+    packs: dict[str, PackRow] = {}
+    for t in trials:
+        rec = TrialRecord.of(t)
+        if not rec.pack:
+            continue
+        row = packs.setdefault(rec.pack, PackRow(rec.pack, int(rec.pack_size or 0), [], []))
+        params = t.params or {}
+        row.trials.append(t.number)
+        row.cells.append(f"{params['arm']} seed {params.get('seed')}" if "arm" in params else f"trial {t.number}")
+    return list(packs.values())
+
+
+@dataclass
 class MlflowPlace:
     """Where a study's MLflow records are."""
     tracking_uri: str
@@ -176,6 +203,7 @@ class StudyReport:
     trials: dict[str, int]                               # Optuna state (or 'discarded') -> count
     importances: Optional[Importances] = None
     mlflow: Optional[MlflowPlace] = None                 # set by report_study
+    packs: list[PackRow] = field(default_factory=list)   # the packs its trials trained in (search.packing)
     kind: ClassVar[str] = ""
 
     def body_json(self) -> dict:
@@ -186,7 +214,8 @@ class StudyReport:
         """The report as summary.json and --json print it."""
         out = {"study": self.study, "kind": self.kind, "file": self.file, "parent_run_id": self.parent_run_id,
                "metrics": self.metrics, "trials": self.trials, **self.body_json(),
-               "importances": None if self.importances is None else asdict(self.importances)}
+               "importances": None if self.importances is None else asdict(self.importances),
+               "packs": [asdict(p) for p in self.packs]}
         if self.mlflow is not None:
             out["mlflow"] = asdict(self.mlflow)
         return _clean(out)
@@ -197,7 +226,7 @@ class StudyReport:
     def notes(self) -> list[str]:
         """Lines printed after the tables."""
         line = self.importances.line() if self.importances else ""
-        return [line] if line else []
+        return ([line] if line else []) + [p.line() for p in self.packs]
 
     def csv_rows(self) -> list[list]:
         raise NotImplementedError
@@ -233,7 +262,7 @@ def summarize(study: optuna.Study) -> StudyReport:
         raise ReslabError(f"study '{study.study_name}' was not made by reslab (no definition stored)")
     trials = study.get_trials(deepcopy=False)
     head = dict(study=study.study_name, file=meta.get("file"), parent_run_id=study.user_attrs.get(keys.PARENT),
-                metrics=_clean(meta["metrics"]), trials=_state_counts(trials))
+                metrics=_clean(meta["metrics"]), trials=_state_counts(trials), packs=pack_rows(trials))
     return REPORTS[meta["kind"]].of(study, meta, trials, head)
 
 
@@ -643,7 +672,8 @@ def results_csv(report: StudyReport) -> str:
 
 
 def results_markdown(report: StudyReport) -> str:
-    return "\n".join([f"# {report.kind} {report.study}", "", *report.markdown_body()]) + "\n"
+    packs = ["", "## Packs", "", *[f"- {p.line()}" for p in report.packs]] if report.packs else []
+    return "\n".join([f"# {report.kind} {report.study}", "", *report.markdown_body(), *packs]) + "\n"
 
 
 def write_files(report: StudyReport, study: optuna.Study, client: Any, folder: Path) -> list[Path]:

@@ -35,6 +35,7 @@ from .dimensions import Categorical, Dimension, FloatRange, Groups, IntRange
 from .design_spaces import DESIGN_SPACE, check_design_spaces
 from .launch import LauncherSpec
 from .matching import match_arms
+from .packing import pack_value
 from .plans import AblationPlan, Arm, Metric, SearchPlan, StudyDesign
 from .seeding import SeedRule, seed_list
 from .settings import Setting, apply_setting, expand_key  # noqa: F401  (search.space.Setting: the loader's words)
@@ -49,6 +50,7 @@ OPTUNA_SCALARS = (str, int, float, bool, type(None))
 SamplerName = Annotated[Any, AfterValidator(lambda v: SAMPLERS.check(v))]   # a name in search.choices.SAMPLERS
 PrunerName = Annotated[Any, AfterValidator(lambda v: PRUNERS.check(v))]     # ... in PRUNERS
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]        # what train.seed accepts
+PackValue = Annotated[Any, AfterValidator(pack_value)]   # auto | off | N >= 1 (search.packing)
 
 
 class MetricSpec(Strict):
@@ -112,6 +114,7 @@ class StudyFile(Strict):
     description: str = ""                                # default: the file's header comment
     set: dict[str, Any] = {}                             # dotted key -> value, for every trial
     devices_per_trial: Optional[int] = Field(None, ge=1, le=4096)  # GPUs (CPU processes) of each trial, DDP; null: 1
+    pack: Optional[PackValue] = None                     # trials per pack: auto | off | N (null: auto)
     ablation: Optional[AblationSpec] = None
     search: Optional[SearchSpec] = None
     launcher: Optional[LauncherSpec] = None              # cluster jobs of `--launcher slurm|local` (search.launch)
@@ -343,7 +346,7 @@ def load_study_file(path: Union[str, Path], overrides: Iterable[Override] = (), 
     source.base_data = copy.deepcopy(data)     # a trial's diff_from_base: what its arm or sample changed
     common = dict(name=name or doc.name or path.stem, file=path, base=base, text=path.read_text(), document=data,
                   source=source, overrides=cli, devices_per_trial=doc.devices_per_trial,
-                  devices_line=where.line("devices_per_trial"),
+                  devices_line=where.line("devices_per_trial"), pack=doc.pack, pack_line=where.line("pack"),
                   launcher=doc.launcher.model_dump(exclude_unset=True) if doc.launcher else {})
     common["description"] = doc.description or header_comment(common["text"])
     section = next(k for k in LOADERS if getattr(doc, k) is not None)

@@ -40,7 +40,7 @@ from runs.mlflow_read import run_exists
 from runs.mlflow_write import ensure_experiment, log_files
 from runs.quiet import quiet
 
-from . import capacity, keys, liveness, recording, views
+from . import capacity, keys, liveness, packing, recording, views
 from .launch import placement
 from .objective import TrialContext, record_outcome, run_trial
 from .report import StudyReport, finalize
@@ -71,6 +71,7 @@ class StudyOptions:
     progress: Optional[bool] = None
     deadline: Optional[float] = None         # time.time() after which no new trial starts
     kind: Optional[str] = None               # ablation | search: what the command expects
+    pack: Optional[Any] = None               # auto | off | N trials per pack (search.packing; default: the file's)
 
     def resolved(self) -> "StudyOptions":
         out = Path(self.output_dir).expanduser().resolve()
@@ -363,8 +364,10 @@ def trial_id_of(storage: Any, trial: optuna.Trial) -> int:
     return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
 
-def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optional[float]) -> tuple[str, Any]:
-    """Under the lock: fail stale trials, enqueue missing cells/retries, then claim a trial (or wait/stop)."""
+def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optional[float], pack: int = 1,
+           threads: int = 1) -> tuple[str, Any]:
+    """Under the lock: fail stale trials, enqueue missing cells/retries, then claim a trial (or wait/stop); with
+    `pack` > 1 up to that many trials of one network (a list: search.packing)."""
     with study_lock(storage, plan.name):
         for note in liveness.fail_orphans(study, storage, storage.grace_period):   # workers gone: retried at once
             print(note, file=sys.stderr, flush=True)
@@ -392,6 +395,8 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optio
                   file=sys.stderr, flush=True)
             return WAIT, None
         storage.record_heartbeat(trial_id)   # a trial without any heartbeat would never turn stale
+        if pack > 1:
+            return RUN, packing.claim_members(study, storage, plan, trial, pack, threads)
         return RUN, trial
 
 
@@ -407,16 +412,19 @@ def _describe(plan: StudyDesign, trial: optuna.Trial, outcome: Any) -> str:
 def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker: int = 0) -> int:
     """Pull and run trials until the study is done (or the deadline passes). Returns trials run."""
     storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
+    prefix = f"[worker {worker}] " if (opts.workers or 1) > 1 else ""
+    pack, notes = packing.pack_size(plan, opts, prepared.threads, prepared.devices)
+    for note in notes:
+        print(prefix + note, file=sys.stderr, flush=True)
     study = optuna.load_study(study_name=plan.name, storage=storage,
-                              sampler=plan.make_sampler(worker, opts.workers or 1), pruner=plan.make_pruner())
+                              sampler=plan.make_sampler(worker, (opts.workers or 1) * pack), pruner=plan.make_pruner())
     client = prepared.client or client_for(opts.tracking_uri, opts.output_dir)   # (a worker process opens its own)
     ctx = TrialContext(plan, opts.tracking_uri, prepared.experiment, prepared.experiment_id, prepared.parent_run_id,
                        Path(opts.output_dir), progress=opts.progress, worker=worker, client=client,
                        threads=prepared.threads, devices=prepared.devices)
-    prefix = f"[worker {worker}] " if (opts.workers or 1) > 1 else ""
     ran, waiting = 0, None
     while True:
-        action, trial = _claim(study, storage, plan, opts.deadline)
+        action, trial = _claim(study, storage, plan, opts.deadline, pack, prepared.threads)
         if action == STOP:
             return ran
         if action == WAIT:
@@ -427,6 +435,9 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
             time.sleep(max(1, opts.heartbeat))
             continue
         waiting = None
+        if isinstance(trial, list):              # a pack of trials of one network
+            ran += packing.run_members(ctx, study, storage, trial, opts.heartbeat, prefix)
+            continue
         TrialRecord.put(trial, **placement())     # which job and host runs it (cli.py status)
         cell = plan.cell_label(trial)
         ranks = f" on {prepared.devices} devices" if prepared.devices > 1 else ""
@@ -577,6 +588,7 @@ def load_plan(opts: StudyOptions) -> StudyDesign:
     if opts.heartbeat < 1:
         raise ReslabError("must be at least 1 (seconds)", file="--heartbeat")
     plan = load_study_file(opts.file, opts.overrides, opts.study)
+    packing.requested(plan, opts)             # a bad --pack: one line before anything is opened
     if opts.kind and plan.kind != opts.kind:
         raise ReslabError(f"this is {STUDY_KINDS[plan.kind].a_file}; run it with `python cli.py "
                           f"{STUDY_KINDS[plan.kind].command}`", file=str(plan.file))
@@ -607,6 +619,7 @@ def _run_study(opts: StudyOptions) -> StudyReport:
     opts = opts.resolved()
     opened = open_study(opts)
     plan, storage, devices, where, gpus = opened.plan, opened.storage, opened.devices, opened.where, opened.gpus
+    packing.check(plan, opts, devices)
     client = opened.client
     if opts.workers is None:
         opts.workers = len(gpus) // devices if gpus and devices > 1 else 1

@@ -14,7 +14,8 @@ from . import keys
 ATTRIBUTES = {"outcome": keys.OUTCOME, "reason": keys.REASON, "metrics": keys.METRICS, "run_id": keys.RUN_ID,
               "cost": keys.COST, "width_multiplier": keys.WIDTH_MULTIPLIER, "arm": keys.ARM, "seed": keys.SEED,
               "retry_of": keys.RETRY_OF, "attempt": keys.ATTEMPT, "threads": keys.THREADS, "device": keys.DEVICE,
-              "job": keys.JOB, "host": keys.HOST}
+              "job": keys.JOB, "host": keys.HOST, "pack": keys.PACK, "pack_size": keys.PACK_SIZE,
+              "pack_index": keys.PACK_INDEX}
 REASON_LIMIT = 2000          # characters of a reason kept on the trial
 
 
@@ -34,6 +35,9 @@ class TrialRecord:
     device: Optional[str] = None                # cpu, or the GPU's name
     job: Optional[str] = None                   # the cluster job that ran it last (SLURM: array id_task)
     host: Optional[str] = None                  # the machine that ran it last
+    pack: Optional[str] = None                  # the pack it trained in (None: alone)
+    pack_size: Optional[int] = None             # that pack's members
+    pack_index: Optional[int] = None            # its place in the pack
 
     @classmethod
     def of(cls, trial: Any) -> "TrialRecord":
