@@ -14,15 +14,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 COMPILE=${COMPILE:-reduce-overhead}   # train.compile for the multi-trial parts (the fastest setting of `single`)
 status=0
 
-part() {   # part NAME COMMAND...: run it with a time limit, log to $OUT/NAME.log
-  local name=$1; shift
-  echo "== $name: $*"
-  local t0=$SECONDS
-  timeout "${LIMIT:-1200}" "$@" > >(tee "$OUT/$name.log") 2>&1
-  local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - t0)) s"
-  [ $rc = 0 ] || status=1
-}
+source benchmarks/part.sh   # part NAME COMMAND...
 
 for p in ${@:-tests throughput overhead single share numerics ablation feed}; do
   case $p in

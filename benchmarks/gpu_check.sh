@@ -15,27 +15,19 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD
 status=0
 
-part() {   # part NAME LIMIT_S COMMAND...: run it with a time limit, log to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*"
-  local t0=$SECONDS
-  timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-  local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - t0)) s"
-  [ $rc = 0 ] || status=1
-}
+source benchmarks/part.sh   # LIMIT=S part NAME COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for p in ${@:-tests throughput ablation}; do
   case $p in
-    tests) part tests 120 python -m pytest -q -p no:cacheprovider -rs tests/test_pack.py tests/test_gpu.py \
+    tests) LIMIT=120 part tests python -m pytest -q -p no:cacheprovider -rs tests/test_pack.py tests/test_gpu.py \
         -k "cuda or gpu" ;;
-    throughput) part throughput 240 python benchmarks/packs.py throughput --sizes 1 2 4 8 16 --epochs 2 \
+    throughput) LIMIT=240 part throughput python benchmarks/packs.py throughput --sizes 1 2 4 8 16 --epochs 2 \
         --solo-trials 1 --set data.train_subset=null ;;
     ablation) rm -rf "$OUT/packed" "$OUT/solo"
-      part ablation_packed 50 python cli.py ablate specs/ablations/shortcuts.yaml --pack auto --set train.epochs=2 \
+      LIMIT=50 part ablation_packed python cli.py ablate specs/ablations/shortcuts.yaml --pack auto --set train.epochs=2 \
         --output-dir "$OUT/packed"
-      part ablation_solo 70 python cli.py ablate specs/ablations/shortcuts.yaml --pack off --set train.epochs=2 \
+      LIMIT=70 part ablation_solo python cli.py ablate specs/ablations/shortcuts.yaml --pack off --set train.epochs=2 \
         --output-dir "$OUT/solo" ;;
     *) echo "unknown part $p (tests throughput ablation)"; status=2 ;;
   esac

@@ -407,21 +407,10 @@ class Pack:
         seen, lrs = 0, [math.nan] * P
         start = time.perf_counter()
         for batches in zip(*loaders):
-            images, labels = self._stacked(batches)
-            lrs = [m.spec.train.lr * m.schedule(self.step) for m in self.members]   # LambdaLR: base lr x factor
-            with self._autocast():
-                losses, right = self._forward(self.params, self.buffers, images, labels, smoothing)
-            finite = torch.isfinite(losses.detach())
-            self._failed_step = torch.where(self._alive & ~finite, self.step, self._failed_step)
-            self._alive = self._alive & finite
-            total = torch.where(self._alive, losses, torch.zeros_like(losses)).sum()
-            grads = torch.autograd.grad(total, list(self.params.values()))
-            self.optimizer.step(self.params, grads, lrs, self._alive)
-            n = labels.shape[1]
-            loss_sum += torch.where(self._alive, losses.detach() * n, torch.zeros_like(loss_sum))
+            losses, right, n, lrs = self._train_step(batches, smoothing)
+            loss_sum += torch.where(self._alive, losses * n, torch.zeros_like(loss_sum))
             correct += torch.where(self._alive, right, torch.zeros_like(right))
             seen += n
-            self.step += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -434,6 +423,30 @@ class Pack:
                          "train/error": (seen - c) / seen if seen else math.nan,
                          "lr": float(lrs[i]), "images_per_s": seen / elapsed if elapsed > 0 else math.nan})
         return rows
+
+    def _train_step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    smoothing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+        """One optimizer step of every live member on its batch: (losses [P], correct [P], images per member, lrs);
+        a member whose loss is non-finite is frozen from this step on."""
+        images, labels = self._stacked(batches)
+        lrs = [m.spec.train.lr * m.schedule(self.step) for m in self.members]   # LambdaLR: base lr x factor
+        with self._autocast():
+            losses, right = self._forward(self.params, self.buffers, images, labels, smoothing)
+        finite = torch.isfinite(losses.detach())
+        self._failed_step = torch.where(self._alive & ~finite, self.step, self._failed_step)
+        self._alive = self._alive & finite
+        total = torch.where(self._alive, losses, torch.zeros_like(losses)).sum()
+        grads = torch.autograd.grad(total, list(self.params.values()))
+        self.optimizer.step(self.params, grads, lrs, self._alive)
+        self.step += 1
+        return losses.detach(), right, labels.shape[1], lrs
+
+    def probe_step(self) -> None:
+        """One training step of every member on its first batch, as train_epoch takes it (what the pack's memory
+        peaks at: search.packing's probe). The pack has then moved on by a step: probe a pack made to be thrown
+        away."""
+        self.base.train()
+        self._train_step([next(iter(m.data.train_dataloader())) for m in self.members], self._smoothing())
 
     @torch.no_grad()
     def evaluate(self, split: str, rows: Optional[Sequence[int]] = None) -> list[dict[str, float]]:

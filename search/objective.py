@@ -87,15 +87,15 @@ class PruningCallback(pl.Callback):
         self.trial, self.metric = trial, metric
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        reason = self._ask(pl_module) if trainer.is_global_zero and self.trial is not None else None
+        reason = self.verdict(getattr(pl_module, "history", None)) if trainer.is_global_zero and self.trial is not None \
+            else None
         if trainer.world_size > 1:
             reason = trainer.strategy.broadcast(reason, src=0)
         if reason:
             raise Pruned(reason)
 
-    def _ask(self, pl_module: pl.LightningModule) -> Optional[str]:
-        """Report this epoch's value; why to prune (None: go on)."""
-        history = getattr(pl_module, "history", None)
+    def verdict(self, history: Optional[list[dict]]) -> Optional[str]:
+        """Report the last epoch's value (a row of `history`) to the trial; why to prune (None: go on)."""
         if not history or self.metric not in history[-1]:
             return None
         row = history[-1]
@@ -134,7 +134,7 @@ def costs(spec: Spec, latency: bool = False, cost: Optional[Complexity] = None) 
     return out
 
 
-def _previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
+def previous_run(ctx: TrialContext, trial: optuna.Trial) -> Optional[Any]:
     """The MLflow run of the attempt this trial retries, when it left a checkpoint to resume from: in this output
     folder, or among its artifacts on a tracking server (so any machine continues it)."""
     before = TrialRecord.of(trial).retry_of
@@ -259,7 +259,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Outcome:
         prune = plan.prune_metric
         callbacks.append(PruningCallback(trial, prune))
 
-    previous = _previous_run(ctx, trial)
+    previous = previous_run(ctx, trial)
     resume = previous.info.run_id if previous is not None else None
     if previous is not None:
         continue_run(ctx, previous, trial.number)

@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import sys
-from types import SimpleNamespace
 from typing import Any, Optional, Union
 
 import optuna
@@ -89,23 +88,13 @@ def check(plan: StudyDesign, opts: Any, devices: int) -> None:
         raise where
 
 
-def _cells(plan: StudyDesign) -> int:
-    fixed = plan.fixed_cells()
-    return len(fixed) if fixed is not None else int(getattr(plan, "trials", 1) or 1)
-
-
-def search_blocker(plan: StudyDesign, threads: Optional[int] = None) -> Optional[str]:
-    """A search: the first sampled dimension whose values train different networks (not fusible), else None."""
-    dimensions = getattr(plan, "dimensions", None)
-    if not dimensions:
+def sampled_blocker(plan: StudyDesign, threads: Optional[int] = None) -> Optional[str]:
+    """A study whose trials are sampled: the first thing it varies whose values train different networks (not
+    fusible: its sampled trials cannot share packs), else None. Fixed cells are grouped by their own keys."""
+    if plan.fixed_cells() is not None:
         return None
-    first = {d.key: d.ends()[0] for d in dimensions}
-    base = spec_key(plan.search_spec(first, threads=threads))
-    for d in dimensions:
-        for v in d.ends()[1:]:
-            if spec_key(plan.search_spec({**first, d.key: v}, threads=threads)) != base:
-                return d.key
-    return None
+    return next((name for name, specs in plan.variants(threads).items()
+                 if len({spec_key(s) for s in specs}) > 1), None)
 
 
 def spec_key(spec: Spec) -> Optional[str]:
@@ -132,7 +121,7 @@ def pack_size(plan: StudyDesign, opts: Any, threads: int, devices: int) -> tuple
     why = unpackable(spec)
     if why:
         return 1, [f"note: {said}: the trials cannot pack ({why}); every trial trains alone"]
-    blocker = search_blocker(plan, threads) if plan.fixed_cells() is None else None
+    blocker = sampled_blocker(plan, threads)
     if blocker:
         return 1, [f"note: {said}: the search samples {blocker}, which changes the network (not fusible: "
                    f"runs.pack.FUSIBLE); every trial trains alone"]
@@ -142,13 +131,13 @@ def pack_size(plan: StudyDesign, opts: Any, threads: int, devices: int) -> tuple
         if fits < size:
             notes.append(f"note: {said}: {probe_note}; packs of at most {fits}")
         size = min(size, fits)
-    cells = _cells(plan)
+    cells = max(1, plan.trials_planned())
     if size > cells:
         if explicit and isinstance(value, int):
             notes.append(f"note: {said}: the study has {cells} trial{'s' if cells != 1 else ''}; packs of at "
                          f"most {cells}")
         size = cells
-    notes += _unpackable_arms(plan, threads)
+    notes += _unpackable_variants(plan, threads)
     return max(1, size), notes
 
 
@@ -158,15 +147,15 @@ def _sharing(opts: Any) -> int:
     return max(1, math.ceil((getattr(opts, "workers", None) or 1) / gpus))
 
 
-def _unpackable_arms(plan: StudyDesign, threads: int) -> list[str]:
+def _unpackable_variants(plan: StudyDesign, threads: int) -> list[str]:
+    """One note for each thing the study varies whose trials cannot be pack members (they train alone)."""
     from runs.pack import unpackable
 
-    arms = getattr(plan, "arms", None) or []
     notes = []
-    for a in arms:
-        why = unpackable(plan.arm_spec(a.name, plan.seeds[0], threads))
+    for name, specs in plan.variants(threads).items():
+        why = next(filter(None, map(unpackable, specs)), None)
         if why:
-            notes.append(f"note: arm {a.name} cannot pack ({why}); its cells train alone")
+            notes.append(f"note: {name} cannot pack ({why}); its trials train alone")
     return notes
 
 
@@ -181,15 +170,10 @@ def probe(spec: Spec, sharing: int = 1) -> tuple[int, str]:
     before = torch.cuda.memory_allocated(device)
     try:
         pack = Pack([spec, spec], device=device)
-        batches = [next(iter(m.data.train_dataloader())) for m in pack.members]
-        images, labels = pack._stacked(batches)
-        with pack._autocast():
-            losses, _ = pack._forward(pack.params, pack.buffers, images, labels, pack._smoothing())
-        grads = torch.autograd.grad(losses.sum(), list(pack.params.values()))
-        pack.optimizer.step(pack.params, grads, [0.0, 0.0], pack._alive)
+        pack.probe_step()
         torch.cuda.synchronize(device)
         per_member = max(1, (torch.cuda.max_memory_allocated(device) - before) // 2)
-        del pack, batches, images, labels, losses, grads
+        del pack
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return 1, "a pack of 2 does not fit the GPU's memory"
@@ -327,8 +311,8 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
 
     from . import recording, views
     from .launch import placement
-    from .objective import Outcome, PruningCallback, _previous_run, begin, continue_run, judge, run_trial
-    from .study import Heartbeat, _describe, stale_note, tell_outcome, trial_id_of
+    from .objective import Outcome, PruningCallback, previous_run, begin, continue_run, judge, run_trial
+    from .study import Heartbeat, outcome_line, stale_note, tell_outcome, trial_id_of
 
     plan = ctx.plan
     told: set[int] = set()
@@ -337,7 +321,7 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             views.link_trial(trial, ctx.tracking_uri, ctx.experiment_id, outcome.run_id, str(ctx.output_dir))
         if tell_outcome(study, trial, outcome, ctx.client, 1):
-            print(prefix + _describe(plan, trial, outcome), flush=True)
+            print(prefix + outcome_line(plan, trial, outcome), flush=True)
         else:
             print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
         told.add(trial.number)
@@ -374,7 +358,7 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
             else len(members)
         for i, (t, b) in members.items():
             TrialRecord.put(t, pack=pack_id, pack_size=size, pack_index=i)
-            before = None if resumed else _previous_run(ctx, t)   # a solo attempt's checkpoint: it starts afresh
+            before = None if resumed else previous_run(ctx, t)   # a solo attempt's checkpoint: it starts afresh
             if before is not None:
                 recording.mark_child(ctx.client, before.info.run_id, "FAILED", status="FAILED",
                                      reason=f"retried as trial {t.number} from scratch, in pack {pack_id}")
@@ -384,8 +368,7 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
         pruned: dict[int, str] = {}
 
         def prune(member: Any, row: dict) -> Optional[str]:
-            why = PruningCallback(members[member.index][0], plan.prune_metric)._ask(
-                SimpleNamespace(history=member.history))
+            why = PruningCallback(members[member.index][0], plan.prune_metric).verdict(member.history)
             if why:
                 pruned[member.index] = why
             return why

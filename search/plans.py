@@ -115,6 +115,14 @@ class StudyDesign:
         """'3 arms x 2 seeds', '4 dimensions, 20 trials': what `validate` says it holds."""
         raise NotImplementedError
 
+    def trials_planned(self) -> int:
+        """How many trials the study trains at most: its fixed cells."""
+        return len(self.fixed_cells() or [])
+
+    def variants(self, threads: Optional[int] = None) -> dict[str, list[Spec]]:
+        """Specs standing for what the study varies, by name (search.packing asks whether they can share a pack)."""
+        raise NotImplementedError
+
     def trial_spec(self, start: TrialStart, threads: Optional[int] = None, devices: Optional[int] = None) -> Spec:
         """The spec of one trial (`threads`: the study's CPU threads when the spec gives none; `devices`: the
         study's devices per trial)."""
@@ -211,6 +219,10 @@ class AblationPlan(StudyDesign):
         """The spec of one ablation cell."""
         return self.build(self.arm_settings(arm, seed), self.arm(arm).width_multiplier, threads, devices)
 
+    def variants(self, threads: Optional[int] = None) -> dict[str, list[Spec]]:
+        """Each arm's spec at the first seed."""
+        return {f"arm {a.name}": [self.arm_spec(a.name, self.seeds[0], threads)] for a in self.arms}
+
     def start_trial(self, trial: Any) -> TrialStart:
         arm, seed = self.cell_of(trial)
         a = self.arm(arm)
@@ -294,6 +306,17 @@ class SearchPlan(StudyDesign):
                     devices: Optional[int] = None) -> Spec:
         """The spec of one search trial from its sampled values (Optuna params)."""
         return self.build(self.value_settings(values), threads=threads, devices=devices)
+
+    def trials_planned(self) -> int:
+        """The grid's or design spaces' cells, else the trial budget."""
+        cells = self.fixed_cells()
+        return len(cells) if cells is not None else self.trials
+
+    def variants(self, threads: Optional[int] = None) -> dict[str, list[Spec]]:
+        """Per searched key: a spec at each end of its range (or each choice), the other keys at their first."""
+        first = {d.key: d.ends()[0] for d in self.dimensions}
+        return {d.key: [self.search_spec({**first, d.key: v}, threads=threads) for v in d.ends()]
+                for d in self.dimensions}
 
     def start_trial(self, trial: Any) -> TrialStart:
         values = self.sample(trial)

@@ -400,7 +400,7 @@ def _claim(study: optuna.Study, storage: Any, plan: StudyDesign, deadline: Optio
         return RUN, trial
 
 
-def _describe(plan: StudyDesign, trial: optuna.Trial, outcome: Any) -> str:
+def outcome_line(plan: StudyDesign, trial: optuna.Trial, outcome: Any) -> str:
     what = plan.params_label(trial.params)
     if outcome.values is not None:
         res = ", ".join(f"{m.name} {v:.4g}" for m, v in zip(plan.objectives, outcome.values))
@@ -458,7 +458,7 @@ def run_worker(plan: StudyDesign, opts: StudyOptions, prepared: Prepared, worker
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):   # (failed as stale meanwhile)
             views.link_trial(trial, ctx.tracking_uri, ctx.experiment_id, outcome.run_id, opts.output_dir)
         if tell_outcome(study, trial, outcome, client, prepared.devices):
-            print(prefix + _describe(plan, trial, outcome), flush=True)
+            print(prefix + outcome_line(plan, trial, outcome), flush=True)
         else:
             print(prefix + stale_note(trial, storage), file=sys.stderr, flush=True)
         ran += 1

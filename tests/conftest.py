@@ -47,6 +47,23 @@ def outputs(tmp_path: Path) -> Path:
     return out
 
 
+def tiny_study(*, data: tuple[int, int, int], widths: tuple[int, ...], epochs: int, batch_size: int,
+               lr: float = 0.05) -> str:
+    """The head of a study file (base and `set:`) over a tiny ResNet on Fashion-MNIST, for the study tests: `data`
+    (train_subset, val_size, test_subset), one block per stage of these widths (the first stride 1, then 2), a
+    constant lr without warmup. The test appends its `ablation:` or `search:` section."""
+    stages = ", ".join(f"{{depth: 1, width: {w}" + (", stride: 2}" if i else "}") for i, w in enumerate(widths))
+    return (f"base: {ROOT / 'specs' / 'resnet20.yaml'}\n"
+            "set:\n"
+            f"  data: {{name: fashion-mnist, train_subset: {data[0]}, val_size: {data[1]}, test_subset: {data[2]}, "
+            "augment: none}\n"
+            "  input: {channels: 1, size: 28}\n"
+            f"  stem.width: {widths[0]}\n"
+            f"  stages: [{stages}]\n"
+            f"  train: {{epochs: {epochs}, max_steps: null, batch_size: {batch_size}, lr: {lr}, "
+            "schedule: {type: constant}, warmup: {steps: 0}}\n")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for servers and DDP rendezvous the tests start)."""
     import socket

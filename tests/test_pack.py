@@ -89,6 +89,20 @@ def test_members_train_as_alone(block, shortcut):
         assert_as_solo(pack.finished[i], solo(spec))
 
 
+def test_probe_step_is_one_training_step_as_alone():
+    """search.packing's memory probe trains one step as an epoch does: each member then equals its solo run stopped
+    after one step."""
+    calm = ["train.schedule.type=constant", "train.warmup.steps=0"]
+    specs = [tiny(*m, *calm) for m in MEMBERS]
+    pack = Pack(specs)
+    before = {k: v.clone() for k, v in pack.member_weights(0).items()}
+    pack.probe_step()
+    assert pack.step == 1 and not same_weights(pack.member_weights(0), before)
+    for i, member in enumerate(MEMBERS):
+        alone = solo(tiny(*member, *calm, "train.max_steps=1")).model.state_dict()
+        assert same_weights(pack.member_weights(i), alone)
+
+
 def test_adamw_and_gates_train_as_alone():
     extra = ["train.optimizer=adamw", "train.lr=0.01", "block.variant=exclusive_gate", "block.se_ratio=0.5",
              "block.se_divisor=1"]

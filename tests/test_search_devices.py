@@ -17,17 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cli import main
-from conftest import ROOT
+from conftest import ROOT, tiny_study
 
-TINY = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 400, val_size: 100, test_subset: 200, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 8
-  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 8, stride: 2}}, {{depth: 1, width: 8, stride: 2}}]
-  train: {{epochs: 1, max_steps: null, batch_size: 50, lr: 0.05, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
-"""
+TINY = tiny_study(data=(400, 100, 200), widths=(8, 8, 8), epochs=1, batch_size=50)
 
 
 def study_file(tmp_path: Path, body: str, name: str = "ddp") -> Path:

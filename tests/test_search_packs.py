@@ -15,18 +15,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cli import main
-from conftest import ROOT
+from conftest import ROOT, tiny_study
 
 # A calm lr on one thread: fp32 pack members equal their solo runs to ~2e-7 relative (tests/test_pack.py)
-TINY = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 256, val_size: 64, test_subset: 128, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 8
-  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}]
-  train: {{epochs: 1, max_steps: null, batch_size: 64, lr: 0.02, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
-"""
+TINY = tiny_study(data=(256, 64, 128), widths=(8, 16), epochs=1, batch_size=64, lr=0.02)
 ABLATION = """
 ablation:
   arms: {A: {train.lr: 0.02}, B: {train.lr: 0.01}}

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, tiny_study
 
 pytestmark = pytest.mark.slow
 
@@ -71,16 +71,9 @@ def postgres():
 
 def test_two_machines_share_a_study_through_postgres(tmp_path, postgres, fashion_mnist):
     path = tmp_path / "shared.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        base: {ROOT / 'specs' / 'resnet20.yaml'}
-        set:
-          data: {{name: fashion-mnist, train_subset: 600, val_size: 200, test_subset: 300, augment: none}}
-          input: {{channels: 1, size: 28}}
-          stem.width: 8
-          stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}]
-          train: {{epochs: 2, max_steps: null, batch_size: 100, lr: 0.05, schedule: {{type: constant}}}}
+    path.write_text(tiny_study(data=(600, 200, 300), widths=(8, 16), epochs=2, batch_size=100) + textwrap.dedent("""\
         ablation:
-          axes: {{block.shortcut: [A, B, C]}}
+          axes: {block.shortcut: [A, B, C]}
           baseline: A
           seeds: 2
         """))

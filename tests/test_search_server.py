@@ -19,21 +19,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cli import main
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, tiny_study
 from test_search_postgres import PG_BIN, postgres  # noqa: F401  (postgres: the fixture)
 
 pytestmark = pytest.mark.slow
 
-STUDY = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 1200, val_size: 100, test_subset: 200, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 8
-  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}, {{depth: 1, width: 16, stride: 2}}]
-  train: {{epochs: 3, max_steps: null, batch_size: 40, lr: 0.05, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
+STUDY = tiny_study(data=(1200, 100, 200), widths=(8, 16, 16), epochs=3, batch_size=40) + """\
 ablation:
-  axes: {{block.shortcut: [A, B]}}
+  axes: {block.shortcut: [A, B]}
   baseline: A
   seeds: 1
 """

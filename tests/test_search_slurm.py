@@ -20,23 +20,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cli import main
-from conftest import ROOT
+from conftest import ROOT, tiny_study
 from slurm_cluster import missing, slurm_cluster
 from test_search_postgres import PG_BIN, postgres  # noqa: F401  (postgres: the fixture)
 from test_search_server import tracking_server  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
-STUDY = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 1000, val_size: 100, test_subset: 200, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 8
-  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}]
-  train: {{epochs: 4, max_steps: null, batch_size: 25, lr: 0.05, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
+STUDY = tiny_study(data=(1000, 100, 200), widths=(8, 16), epochs=4, batch_size=25) + """\
 ablation:
-  axes: {{block.shortcut: [A, B]}}
+  axes: {block.shortcut: [A, B]}
   baseline: A
   seeds: 2
 launcher:

@@ -19,19 +19,11 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from cli import main
-from conftest import ROOT
+from conftest import ROOT, tiny_study
 
 pytestmark = pytest.mark.slow
 
-TINY = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 1000, val_size: 200, test_subset: 400, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 8
-  stages: [{{depth: 1, width: 8}}, {{depth: 1, width: 16, stride: 2}}, {{depth: 1, width: 32, stride: 2}}]
-  train: {{epochs: 1, max_steps: null, batch_size: 100, lr: 0.05, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
-"""
+TINY = tiny_study(data=(1000, 200, 400), widths=(8, 16, 32), epochs=1, batch_size=100)
 
 
 def study_file(tmp_path: Path, body: str, name: str = "tiny") -> Path:

@@ -21,19 +21,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT
+from conftest import ROOT, tiny_study
 
 pytestmark = pytest.mark.slow
 
-STUDY = f"""\
-base: {ROOT / 'specs' / 'resnet20.yaml'}
-set:
-  data: {{name: fashion-mnist, train_subset: 300, val_size: 100, test_subset: 100, augment: none}}
-  input: {{channels: 1, size: 28}}
-  stem.width: 4
-  stages: [{{depth: 1, width: 4}}, {{depth: 1, width: 8, stride: 2}}, {{depth: 1, width: 8, stride: 2}}]
-  train: {{epochs: 1, max_steps: null, batch_size: 100, lr: 0.05, schedule: {{type: constant}}, warmup: {{steps: 0}}}}
-ablation: {{axes: {{block.shortcut: [A, B]}}, baseline: A, seeds: 1}}
+STUDY = tiny_study(data=(300, 100, 100), widths=(4, 8, 8), epochs=1, batch_size=100) + """\
+ablation: {axes: {block.shortcut: [A, B]}, baseline: A, seeds: 1}
 """
 BOUND_S = 300          # every command here ends well within this (each trial trains for seconds)
 
