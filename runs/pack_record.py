@@ -28,11 +28,19 @@ from .options import RunOptions
 from .pack import Member, Pack
 from .record import RunRecord, RunResult
 
-PACK_TAGS = ("reslab.pack", "reslab.pack_size", "reslab.pack_index")
+PACK_TAG = "reslab.pack"                 # on each member's run: its pack's id ...
+PACK_SIZE_TAG = "reslab.pack_size"       # ... the members it started with ...
+PACK_INDEX_TAG = "reslab.pack_index"     # ... and the member's place in it
+PACK_TAGS = (PACK_TAG, PACK_SIZE_TAG, PACK_INDEX_TAG)
 
 
 def new_pack_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def pack_file(output_dir: Union[str, Path], pack_id: str) -> Path:
+    """Where pack `pack_id` keeps its own checkpoint (rewritten every epoch): <output_dir>/packs/<id>.ckpt."""
+    return Path(output_dir) / "packs" / f"{pack_id}.ckpt"
 
 
 class MemberView:
@@ -84,13 +92,13 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
     output_dir = Path(output_dir).expanduser().resolve()
     uri = with_driver(tracking_uri or default_tracking_uri(output_dir))
     pack_id = pack_id or new_pack_id()
-    pack_file = output_dir / "packs" / f"{pack_id}.ckpt"
-    pack = Pack.load(pack_file, device=device) if resume else Pack(specs, device=device)
+    pack_path = pack_file(output_dir, pack_id)
+    pack = Pack.load(pack_path, device=device) if resume else Pack(specs, device=device)
     records, views, finals = {}, {}, {}
     for i, m in enumerate(pack.members):
-        extra = {**((tags or [{}] * len(specs))[i]), "reslab.pack": pack_id, "reslab.pack_index": m.index}
+        extra = {**((tags or [{}] * len(specs))[i]), PACK_TAG: pack_id, PACK_INDEX_TAG: m.index}
         if not resume:                      # (a resumed pack's runs keep the size the pack started with)
-            extra["reslab.pack_size"] = len(specs)
+            extra[PACK_SIZE_TAG] = len(specs)
         options = RunOptions(tracking_uri=uri, output_dir=output_dir, experiment=experiment,
                              run_name=(run_names or [None] * len(specs))[i], parent_run_id=parent_run_id, tags=extra,
                              params=(params or [None] * len(specs))[i], resume=resume[m.index] if resume else None)
@@ -109,7 +117,7 @@ def train_pack(specs: Sequence[Spec], *, tracking_uri: Optional[str] = None,
             log_metrics(record.client, record.run_id, row, step=int(row["epoch"]))
             checkpoint = p.member_checkpoint(m.index)
             write_atomically(finals[m.index], lambda tmp: torch.save(checkpoint, tmp))
-        p.save(pack_file)
+        p.save(pack_path)
         for m in left:
             record, view = records[m.index], views[m.index]
             if view.results:

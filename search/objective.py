@@ -37,7 +37,7 @@ from runs.checkpoint import resumable
 from runs.environment import environment
 from runs.fit import CHECKPOINT_ENV, Interrupted, Pruned, RunOptions, train, uses_cuda
 from runs.mlflow_write import STATE_TAG, set_tags
-from runs.pack_record import PACK_TAGS
+from runs.pack_record import PACK_TAG
 from runs.quiet import quiet
 from runs.record import RUN_ID_ENV
 
@@ -46,7 +46,6 @@ from .plans import StudyDesign
 from .trials import TrialRecord
 
 LATENCY_REPEATS = 20
-PACK_TAG = PACK_TAGS[0]               # on a pack member's run: its pack (a retry does not resume it alone)
 FOLLOW_ENV = "RESLAB_FOLLOW_TRIAL"   # the trial a worker trains on several devices, for the DDP ranks it starts
 
 

@@ -188,7 +188,7 @@ def probe(spec: Spec, sharing: int = 1) -> tuple[int, str]:
 
 
 # ---- claiming (under the study lock) --------------------------------------------------------------------
-_KEYS: dict[tuple, Optional[str]] = {}
+_KEYS: dict[tuple, tuple[StudyDesign, Optional[str]]] = {}   # (the plan kept with its keys: its id stays its own)
 _SAID: set[str] = set()          # notes this worker has printed once
 
 
@@ -202,10 +202,10 @@ def trial_key(plan: StudyDesign, params: Optional[dict], threads: int) -> Option
                 spec = plan.build([], threads=threads)
             else:
                 spec = plan.trial_spec(plan.start_trial(optuna.trial.FixedTrial(params)), threads=threads)
-            _KEYS[cache] = spec_key(spec)
+            _KEYS[cache] = plan, spec_key(spec)
         except Exception:  # noqa: BLE001  (values that make no network: it runs alone and says why)
-            _KEYS[cache] = None
-    return _KEYS[cache]
+            _KEYS[cache] = plan, None
+    return _KEYS[cache][1]
 
 
 def _queued(t: Any) -> Optional[dict]:
@@ -269,6 +269,7 @@ def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[t
     afresh as a new pack)."""
     from arches import spec_from_dict, spec_hash
     from runs.checkpoint import read_checkpoint
+    from runs.pack_record import PACK_TAG, pack_file
 
     from . import recording
 
@@ -279,10 +280,12 @@ def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[t
             return None
         previous[t.number] = TrialRecord.of(trials[int(before)])
     packs = {rec.pack for rec in previous.values()}
-    file = ctx.output_dir / "packs" / f"{next(iter(packs))}.ckpt"
-    if len(packs) != 1 or None in packs or not file.exists():
+    if len(packs) != 1 or None in packs:
         return None
     pack_id = packs.pop()
+    file = pack_file(ctx.output_dir, pack_id)
+    if not file.exists():
+        return None
     try:
         state = read_checkpoint(file)
     except Exception:  # noqa: BLE001  (unreadable: afresh)
@@ -295,7 +298,7 @@ def interrupted_pack(ctx: Any, study: optuna.Study, members: list) -> Optional[t
     runs = {}
     by_trial = recording.trial_runs(ctx.client, ctx.experiment_id, ctx.parent_run_id)
     for i, (t, _) in zip(places, members):
-        found = [r for r in by_trial.get(int(TrialRecord.of(t).retry_of), []) if r.data.tags.get(keys.PACK) == pack_id]
+        found = [r for r in by_trial.get(int(TrialRecord.of(t).retry_of), []) if r.data.tags.get(PACK_TAG) == pack_id]
         if not found or found[-1].info.status == "FINISHED":
             return None
         runs[i] = found[-1].info.run_id
@@ -307,7 +310,7 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
     the pack. Returns the trials run. Raises ReslabError and KeyboardInterrupt (the unfinished trials FAIL first,
     and are retried)."""
     from runs.pack import PackError
-    from runs.pack_record import new_pack_id, train_pack
+    from runs.pack_record import PACK_SIZE_TAG, new_pack_id, train_pack
 
     from . import recording, views
     from .launch import placement
@@ -354,7 +357,7 @@ def run_members(ctx: Any, study: optuna.Study, storage: Any, trials: list, heart
         else:
             pack_id, runs = new_pack_id(), None
             members = dict(enumerate(members))
-        size = int(ctx.client.get_run(runs[min(runs)]).data.tags.get(keys.PACK_SIZE, len(members))) if resumed \
+        size = int(ctx.client.get_run(runs[min(runs)]).data.tags.get(PACK_SIZE_TAG, len(members))) if resumed \
             else len(members)
         for i, (t, b) in members.items():
             TrialRecord.put(t, pack=pack_id, pack_size=size, pack_index=i)
